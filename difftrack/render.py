@@ -1,0 +1,241 @@
+"""The forward model: particles + shape S + background -> image.
+
+    model(r) = B(r) + [PSF * (L . sum_i a_i ball_i)](r)
+
+* ``ball_i`` is particle i's partial-volume sphere (``shape.ball_profile``), rasterised on a
+  local patch around its centre only, so the cost grows with N x patch volume;
+* ``L`` is a smooth multiplicative illumination field (1 + a Legendre polynomial): slow
+  illumination changes and attenuation with depth scale the particles' light;
+* ``PSF`` is applied once to the whole canvas by FFT (linear convolution: the canvas
+  extends past every face by the kernel half-width, so light from particles just outside
+  the stack enters it and nothing wraps around);
+* ``B`` is an additive background (a Legendre polynomial).
+
+Dark (dye-excluding) particles are the same model with negative amplitudes on a bright B.
+Everything is float32, jittable and differentiable in positions, radii, amplitudes, the
+PSF and the background.  Axis order (z, y, x); positions in voxels (voxel centres at
+integer indices); radii and PSF widths in the unit of ``voxel_size``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.fft
+
+from .shape import PSF, voxel_ball
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Static layout of a render: everything that fixes array shapes (hashable, so it
+    can be a static argument of ``jax.jit``).
+
+    shape: stack shape (z, y, x) in voxels.
+    voxel_size: (z, y, x) physical size of a voxel.
+    patch_half: half-widths (voxels) of the patch each particle is rasterised on.
+    kernel_half: half-widths (voxels) of the PSF kernel.
+    canvas: shape of the padded canvas (stack + margins, FFT-friendly).
+    margin: offset (voxels) of the stack inside the canvas.
+    bg_degree / illum_degree: Legendre degrees (z, y, x) of B and L.
+    """
+
+    shape: tuple
+    voxel_size: tuple
+    patch_half: tuple
+    kernel_half: tuple
+    canvas: tuple
+    margin: tuple
+    bg_degree: tuple = (2, 2, 2)
+    illum_degree: tuple = (2, 2, 2)
+
+    @staticmethod
+    def make(shape, voxel_size=None, *, max_radius, psf_extent, bg_degree=(2, 2, 2),
+             illum_degree=(2, 2, 2)):
+        """Layout for a stack of ``shape`` holding particles of radius <= ``max_radius``
+        and a PSF that reaches ``psf_extent`` = (z, xy) physical distance from its centre."""
+        shape = tuple(int(s) for s in shape)
+        vs = (1.0, 1.0, 1.0) if voxel_size is None else tuple(float(v) for v in voxel_size)
+        # a voxel farther than R + 3 sigma_box from the centre holds no light; +0.5 for
+        # the rounding of the patch centre.
+        patch_half = tuple(int(math.ceil(max_radius / v + 1.5)) for v in vs)
+        ext = (psf_extent[0], psf_extent[1], psf_extent[1])
+        kernel_half = tuple(max(1, int(math.ceil(e / v))) for e, v in zip(ext, vs))
+        canvas, margin = [], []
+        for s, k in zip(shape, kernel_half):
+            n = scipy.fft.next_fast_len(s + 2 * k, real=True)
+            canvas.append(n)
+            margin.append(k)
+        return Geometry(shape, vs, patch_half, kernel_half, tuple(canvas), tuple(margin),
+                        tuple(bg_degree), tuple(illum_degree))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Particles:
+    """Per-particle parameters. pos (n, 3) voxels (z, y, x); radius (n,) physical units;
+    amplitude (n,) image units (negative for dark particles)."""
+
+    pos: jax.Array
+    radius: jax.Array
+    amplitude: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Background:
+    """Additive background B and multiplicative illumination L = 1 + poly.
+
+    offset: Legendre coefficients of B, shape bg_degree + 1 (per axis).
+    illum: Legendre coefficients of L - 1, shape illum_degree + 1 (the constant term is
+    ignored: the overall brightness belongs to the amplitudes).
+    """
+
+    offset: jax.Array
+    illum: jax.Array
+
+    @staticmethod
+    def constant(level, geom):
+        off = np.zeros(tuple(d + 1 for d in geom.bg_degree), np.float32)
+        off[0, 0, 0] = level
+        ill = np.zeros(tuple(d + 1 for d in geom.illum_degree), np.float32)
+        return Background(jnp.asarray(off), jnp.asarray(ill))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """Everything the renderer differentiates: particles, PSF, background."""
+
+    particles: Particles
+    psf: PSF
+    background: Background
+
+
+def _legendre_basis(n, degree, start=0, length=None):
+    """Legendre polynomials P_0..P_degree on indices start..start+n-1, mapped so that the
+    stack's own voxels (0..length-1) span [-1, 1]. Shape (degree+1, n)."""
+    length = n if length is None else length
+    t = (np.arange(start, start + n, dtype=np.float64)) / max(length - 1, 1) * 2.0 - 1.0
+    return jnp.asarray(np.polynomial.legendre.legvander(t, degree).T, jnp.float32)
+
+
+def _poly3(coef, bz, by, bx):
+    return jnp.einsum("ijk,iz,jy,kx->zyx", coef, bz, by, bx)
+
+
+def background_field(bg: Background, geom: Geometry):
+    """B on the stack, shape geom.shape."""
+    bz, by, bx = (_legendre_basis(n, d) for n, d in zip(geom.shape, geom.bg_degree))
+    return _poly3(bg.offset, bz, by, bx)
+
+
+def illumination_field(bg: Background, geom: Geometry):
+    """L on the canvas, shape geom.canvas (the polynomial extended past the faces)."""
+    bases = [_legendre_basis(c, d, start=-m, length=n)
+             for c, d, m, n in zip(geom.canvas, geom.illum_degree, geom.margin, geom.shape)]
+    mask = np.ones(bg.illum.shape, np.float32)
+    mask[0, 0, 0] = 0.0
+    return 1.0 + _poly3(bg.illum * mask, *bases)
+
+
+def patch_values(particles: Particles, geom: Geometry):
+    """Each particle's partial-volume sphere on its patch, times its amplitude.
+
+    Returns (values (n, pz, py, px), corner (n, 3) int32): the patch of particle i covers
+    stack voxels corner_i + [0, 2*patch_half].
+    """
+    h = geom.patch_half
+    vs = geom.voxel_size
+    centre = jnp.round(jax.lax.stop_gradient(particles.pos)).astype(jnp.int32)
+    corner = centre - jnp.asarray(h, jnp.int32)
+    d = []
+    for k in range(3):
+        grid = corner[:, k, None].astype(jnp.float32) + jnp.arange(2 * h[k] + 1, dtype=jnp.float32)
+        d.append((grid - particles.pos[:, k, None]) * vs[k])  # (n, p_k) physical
+    vals = voxel_ball(d[0][:, :, None, None], d[1][:, None, :, None], d[2][:, None, None, :],
+                      particles.radius[:, None, None, None], vs)
+    return particles.amplitude[:, None, None, None] * vals, corner
+
+
+@jax.custom_vjp
+def _add_patches(canvas, vals, corner):
+    """canvas + each patch vals[i] added at corner[i] (patches inside the canvas).
+
+    A loop of in-place dynamic-slice updates: on CPU ~10x faster than XLA's scatter for
+    thousands of small dense patches. Its adjoint is a gather of the same patches.
+    """
+    size = vals.shape[1:]
+
+    def body(i, acc):
+        c = (corner[i, 0], corner[i, 1], corner[i, 2])
+        cur = jax.lax.dynamic_slice(acc, c, size)
+        return jax.lax.dynamic_update_slice(acc, cur + vals[i], c)
+
+    return jax.lax.fori_loop(0, vals.shape[0], body, canvas)
+
+
+def _add_patches_fwd(canvas, vals, corner):
+    return _add_patches(canvas, vals, corner), (corner, vals.shape[1:])
+
+
+def _add_patches_bwd(res, g):
+    corner, size = res
+    gvals = jax.vmap(lambda c: jax.lax.dynamic_slice(g, (c[0], c[1], c[2]), size))(corner)
+    return g, gvals, None
+
+
+_add_patches.defvjp(_add_patches_fwd, _add_patches_bwd)
+
+
+def rasterise(particles: Particles, geom: Geometry):
+    """Sum of a_i ball_i on the canvas (shape geom.canvas).
+
+    Patches are added on a scratch canvas padded by one patch on every side, so a
+    particle whose patch sticks out of the canvas is cut, never shifted (dynamic slices
+    clamp their start); positions must lie within a patch of the canvas.
+    """
+    vals, corner = patch_values(particles, geom)
+    h = jnp.asarray(geom.patch_half, jnp.int32)
+    m = jnp.asarray(geom.margin, jnp.int32)
+    pad = tuple(2 * k + 1 for k in geom.patch_half)
+    big = tuple(c + 2 * p for c, p in zip(geom.canvas, pad))
+    start = corner + m + jnp.asarray(pad, jnp.int32)
+    start = jnp.clip(start, 0, jnp.asarray(big, jnp.int32) - 2 * h - 1)
+    scratch = _add_patches(jnp.zeros(big, jnp.float32), vals, start)
+    return scratch[pad[0]:pad[0] + geom.canvas[0], pad[1]:pad[1] + geom.canvas[1],
+                   pad[2]:pad[2] + geom.canvas[2]]
+
+
+def _kernel_on_canvas(kernel, geom: Geometry):
+    pad = [(0, c - (2 * h + 1)) for c, h in zip(geom.canvas, geom.kernel_half)]
+    full = jnp.pad(kernel, pad)
+    return jnp.roll(full, shift=tuple(-h for h in geom.kernel_half), axis=(0, 1, 2))
+
+
+def convolve(field, kernel, geom: Geometry):
+    """Linear convolution of a canvas field with a centred kernel; returns the stack
+    region (shape geom.shape)."""
+    kfull = _kernel_on_canvas(kernel, geom)
+    out = jnp.fft.irfftn(jnp.fft.rfftn(field) * jnp.fft.rfftn(kfull), s=geom.canvas)
+    m = geom.margin
+    return out[m[0]:m[0] + geom.shape[0], m[1]:m[1] + geom.shape[1], m[2]:m[2] + geom.shape[2]]
+
+
+def render_parts(params: Params, geom: Geometry):
+    """(background B, particle light) on the stack; their sum is the model image."""
+    P = rasterise(params.particles, geom) * illumination_field(params.background, geom)
+    kernel = params.psf.kernel(geom.voxel_size, geom.kernel_half)
+    return background_field(params.background, geom), convolve(P, kernel, geom)
+
+
+@partial(jax.jit, static_argnames="geom")
+def render(params: Params, geom: Geometry):
+    """The model image, float32, shape geom.shape."""
+    B, light = render_parts(params, geom)
+    return B + light

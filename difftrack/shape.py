@@ -1,0 +1,162 @@
+"""The particle shape S: a partial-volume sphere blurred by a learnable PSF.
+
+S(r - r_i; R_i, theta) = [ball(R_i) * box_voxel * PSF_theta](r - r_i)
+
+* ``voxel_ball`` is the sphere of radius R integrated over each voxel (partial volume),
+  smooth and differentiable in the centre and the radius.
+* ``PSF`` is a sum of K anisotropic Gaussian components, each with its own lateral width,
+  axial width, axial offset and weight.  One component is a Gaussian PSF; several give the
+  non-Gaussian tails, axial side lobes and the above/below-focus asymmetry of real
+  confocal PSFs, while staying positive and smooth (a physical prior by construction).
+
+All lengths here are physical (the unit of ``voxel_size``), axis order (z, y, x).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SQRT2PI = math.sqrt(2.0 * math.pi)
+
+
+_SIGNS = [(e0, e1, e2) for e0 in (-1.0, 1.0) for e1 in (-1.0, 1.0) for e2 in (-1.0, 1.0)]
+
+
+@jax.custom_jvp
+def _box_spline_cdf(s, w0, w1, w2):
+    """P(u0 + u1 + u2 < s) for independent u_k uniform on [-w_k/2, w_k/2] (w_k > 0).
+
+    Closed form: sum over the 8 corners of +-(s + e.w/2)_+^3 / (6 w0 w1 w2). Its
+    derivatives are written out (custom_jvp) so that they share one pass over the corners:
+    autodiff of the sum is an order of magnitude slower on CPU.
+    """
+    acc = 0.0
+    for e0, e1, e2 in _SIGNS:
+        t = jnp.maximum(s + 0.5 * (e0 * w0 + e1 * w1 + e2 * w2), 0.0)
+        acc = acc + (e0 * e1 * e2) * t * t * t
+    return acc / (6.0 * w0 * w1 * w2)
+
+
+@_box_spline_cdf.defjvp
+def _box_spline_cdf_jvp(primals, tangents):
+    s, w0, w1, w2 = primals
+    ds, dw0, dw1, dw2 = tangents
+    c3 = 0.0
+    c2 = 0.0  # sum e t^2
+    c2w = [0.0, 0.0, 0.0]  # sum e e_k t^2
+    for e0, e1, e2 in _SIGNS:
+        t = jnp.maximum(s + 0.5 * (e0 * w0 + e1 * w1 + e2 * w2), 0.0)
+        sgn = e0 * e1 * e2
+        t2 = sgn * t * t
+        c3 = c3 + t2 * t
+        c2 = c2 + t2
+        c2w[0] = c2w[0] + e0 * t2
+        c2w[1] = c2w[1] + e1 * t2
+        c2w[2] = c2w[2] + e2 * t2
+    W6 = 6.0 * w0 * w1 * w2
+    F = c3 / W6
+    dF_ds = 3.0 * c2 / W6
+    dF_dw = [1.5 * c2w[k] / W6 - F / w for k, w in enumerate((w0, w1, w2))]
+    tangent = dF_ds * ds + dF_dw[0] * dw0 + dF_dw[1] * dw1 + dF_dw[2] * dw2
+    return F, tangent
+
+
+def voxel_ball(dz, dy, dx, R, voxel_size):
+    """Fraction of each voxel inside a ball of radius ``R`` (partial-volume sphere).
+
+    ``dz, dy, dx``: physical offsets of voxel centres from the ball's centre (arrays that
+    broadcast); ``R``: radius; ``voxel_size``: (z, y, x). The boundary is treated as locally
+    planar: the voxel box projected onto the surface normal is a sum of three uniforms
+    (a box spline), whose CDF at the signed distance gives the covered fraction, exactly
+    for a plane. The radius is shifted by -sigma_n^2 / R (sigma_n^2 the box's variance
+    along the normal) so that the ball's volume is right to second order in voxel/R.
+    Smooth (C2) in the centre and the radius.
+    """
+    vz, vy, vx = voxel_size
+    vmin = min(voxel_size)
+    r2 = dz * dz + dy * dy + dx * dx + (1e-3 * vmin) ** 2
+    r = jnp.sqrt(r2)
+    floor = 0.1 * vmin  # keeps the box spline well conditioned along the axes
+    w0 = jnp.maximum(jnp.abs(dz) * vz / r, floor)
+    w1 = jnp.maximum(jnp.abs(dy) * vy / r, floor)
+    w2 = jnp.maximum(jnp.abs(dx) * vx / r, floor)
+    var_n = (w0 * w0 + w1 * w1 + w2 * w2) / 12.0
+    return _box_spline_cdf(R - var_n / R - r, w0, w1, w2)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PSF:
+    """A sum of K anisotropic Gaussians (physical units).
+
+    Attributes (each shape (K,)):
+      log_sigma_xy: log of the lateral std of each component.
+      log_sigma_z: log of the axial std of each component.
+      z_offset: axial offset of each component's centre (asymmetry, side lobes).
+      logit_weight: softmax logits of the component weights (the PSF integrates to 1).
+    """
+
+    log_sigma_xy: jax.Array
+    log_sigma_z: jax.Array
+    z_offset: jax.Array
+    logit_weight: jax.Array
+
+    @staticmethod
+    def init(sigma_xy, sigma_z, n_components=3):
+        """A PSF whose first component has std (sigma_z, sigma_xy, sigma_xy) and whose
+        further components are wider tails of small weight (2x, 4x, ...)."""
+        k = np.arange(n_components)
+        widen = 2.0 ** k
+        weights = np.where(k == 0, 1.0, 0.15 / max(n_components - 1, 1))
+        weights = weights / weights.sum()
+        return PSF(
+            log_sigma_xy=jnp.asarray(np.log(sigma_xy * widen), jnp.float32),
+            log_sigma_z=jnp.asarray(np.log(sigma_z * widen), jnp.float32),
+            z_offset=jnp.zeros(n_components, jnp.float32),
+            logit_weight=jnp.asarray(np.log(weights), jnp.float32),
+        )
+
+    @property
+    def weights(self):
+        return jax.nn.softmax(self.logit_weight)
+
+    def evaluate(self, dz, dy, dx):
+        """PSF density at physical offsets (arrays broadcast); integrates to 1."""
+        w = self.weights
+        sxy = jnp.exp(self.log_sigma_xy)
+        sz = jnp.exp(self.log_sigma_z)
+        out = 0.0
+        for k in range(w.shape[0]):
+            gz = jnp.exp(-0.5 * ((dz - self.z_offset[k]) / sz[k]) ** 2) / (_SQRT2PI * sz[k])
+            gxy = jnp.exp(-0.5 * (dy * dy + dx * dx) / sxy[k] ** 2) / (2 * math.pi * sxy[k] ** 2)
+            out = out + w[k] * gz * gxy
+        return out
+
+    def kernel(self, voxel_size, halfwidth):
+        """The PSF sampled on a voxel grid of half-widths ``halfwidth`` (z, y, x), normalised
+        to sum 1. Shape (2*hz+1, 2*hy+1, 2*hx+1)."""
+        axes = [jnp.arange(-h, h + 1, dtype=jnp.float32) * v for h, v in zip(halfwidth, voxel_size)]
+        k = self.evaluate(axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :])
+        return k / jnp.sum(k)
+
+    def moments(self):
+        """(sigma_z, sigma_xy) of the whole PSF: the std of the mixture along z and in y."""
+        w = self.weights
+        sz = jnp.exp(self.log_sigma_z)
+        sxy = jnp.exp(self.log_sigma_xy)
+        mz = jnp.sum(w * self.z_offset)
+        var_z = jnp.sum(w * (sz**2 + self.z_offset**2)) - mz**2
+        var_xy = jnp.sum(w * sxy**2)
+        return jnp.sqrt(var_z), jnp.sqrt(var_xy)
+
+
+def default_psf_sigmas(voxel_size, elongation=2.5):
+    """A starting PSF when nothing is known: lateral std one lateral voxel, axial std
+    ``elongation`` times that."""
+    sxy = float(min(voxel_size[1], voxel_size[2]))
+    return sxy, elongation * sxy

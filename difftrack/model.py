@@ -1,0 +1,256 @@
+"""Learning the particle shape S from a stack: ``fit_shape`` and the fitted ``Model``.
+
+With the particle centres given and held, fit the PSF (theta), the radii, the amplitudes
+and the background/illumination by minimising the image residual with optax's L-BFGS.
+This is the seed's "measurement -> S"; ``refine`` later also moves the positions.
+
+Internally the image is centred and scaled (by its median and a robust spread) so that
+every parameter group is of order one; the fitted ``Model`` holds its parameters in the
+units of the input image, and ``Model.model_image()`` renders in those units. The caller's
+array is never modified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pandas as pd
+from scipy.spatial import cKDTree
+
+from ._checks import check_positions, check_stack, check_voxel_size
+from .render import Background, Geometry, Params, Particles, render
+from .shape import PSF, default_psf_sigmas
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A fitted forward model of a stack (parameters in the input image's units).
+
+    params: ``render.Params`` (positions in voxels, radii in the unit of voxel_size).
+    geometry: ``render.Geometry`` (static layout).
+    voxel_size: (z, y, x) or None (then lengths are in voxels).
+    loss: final mean squared residual (image units squared).
+    history: loss after each optimiser step.
+    """
+
+    params: Params
+    geometry: Geometry
+    voxel_size: tuple | None
+    loss: float
+    history: tuple
+
+    def model_image(self) -> np.ndarray:
+        """The model image (z, y, x), float32, in the units of the input image."""
+        return np.asarray(render(self.params, self.geometry))
+
+    def residual(self, image) -> np.ndarray:
+        """image - model, float32."""
+        return np.asarray(image, np.float32) - self.model_image()
+
+    @property
+    def psf(self) -> PSF:
+        return self.params.psf
+
+    @property
+    def particles(self) -> pd.DataFrame:
+        """z, y, x (voxels), radius (unit of voxel_size), amplitude (image units)."""
+        p = self.params.particles
+        pos = np.asarray(p.pos, np.float64)
+        return pd.DataFrame({"z": pos[:, 0], "y": pos[:, 1], "x": pos[:, 2],
+                             "radius": np.asarray(p.radius, np.float64),
+                             "amplitude": np.asarray(p.amplitude, np.float64)})
+
+
+def estimate_radius_from_positions(positions, voxel_size):
+    """Half the median nearest-neighbour distance (physical units): in a dense packing
+    touching neighbours sit one diameter apart."""
+    pts = np.asarray(positions) * np.asarray(voxel_size)
+    if len(pts) < 2:
+        raise ValueError("radius=None needs at least two positions to estimate the radius")
+    d, _ = cKDTree(pts).query(pts, k=2)
+    return 0.5 * float(np.median(d[:, 1]))
+
+
+def _decide_sign(image, positions, invert):
+    """+1 for bright particles, -1 for dark ones (invert=True forces dark)."""
+    if invert is True:
+        return -1.0
+    if invert is False:
+        return 1.0
+    if invert != "auto":
+        raise ValueError(f"invert must be True, False or 'auto'; got {invert!r}")
+    idx = np.clip(np.rint(positions).astype(int), 0, np.asarray(image.shape) - 1)
+    at = image[idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.float64)
+    return 1.0 if np.median(at) >= np.median(image) else -1.0
+
+
+def _normalise(image):
+    """(centre, scale) with image = centre + scale * normalised (float64 scalars)."""
+    sample = image[:: max(1, image.shape[0] // 16)].astype(np.float64)
+    centre = float(np.median(sample))
+    scale = float(np.std(sample))
+    if not scale > 0:
+        scale = float(np.std(image.astype(np.float64))) or 1.0
+    return centre, scale
+
+
+def to_image_units(params: Params, centre, scale) -> Params:
+    """Parameters of the normalised image -> parameters of image = centre + scale * it."""
+    off = params.background.offset * scale
+    off = off.at[0, 0, 0].add(centre)
+    return Params(
+        Particles(params.particles.pos, params.particles.radius, params.particles.amplitude * scale),
+        params.psf, Background(off, params.background.illum))
+
+
+def to_normalised_units(params: Params, centre, scale) -> Params:
+    off = params.background.offset.at[0, 0, 0].add(-centre) / scale
+    return Params(
+        Particles(params.particles.pos, params.particles.radius, params.particles.amplitude / scale),
+        params.psf, Background(off, params.background.illum))
+
+
+def make_geometry(shape, voxel_size, radius, psf: PSF, *, bg_degree=(2, 2, 2),
+                  illum_degree=(2, 2, 2)):
+    """Layout with room for radii up to 1.35 R and PSF components up to 3.5 of their
+    initial std."""
+    sz = float(np.max(np.exp(np.asarray(psf.log_sigma_z)) + np.abs(np.asarray(psf.z_offset))))
+    sxy = float(np.max(np.exp(np.asarray(psf.log_sigma_xy))))
+    return Geometry.make(shape, voxel_size, max_radius=1.35 * radius,
+                         psf_extent=(3.5 * sz, 3.5 * sxy),
+                         bg_degree=bg_degree, illum_degree=illum_degree)
+
+
+def _radius_bounds(geom: Geometry, radius):
+    hi = min((h - 1.5) * v for h, v in zip(geom.patch_half, geom.voxel_size))
+    return 0.3 * radius, hi
+
+
+@partial(jax.jit, static_argnames=("geom", "bounds"))
+def _loss(free, pos, data, geom, bounds):
+    """Mean squared residual of the normalised image, plus weak priors."""
+    radius, amplitude, psf, background = free
+    lo, hi = bounds
+    params = Params(Particles(pos, jnp.clip(radius, lo, hi), amplitude), psf, background)
+    r = data - render(params, geom)
+    prior = 1e-4 * jnp.sum(background.illum**2)
+    return jnp.mean(r * r) + prior
+
+
+def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, steps=200, tol=1e-7,
+                   progress=None):
+    """L-BFGS on radii, amplitudes, PSF and background with positions held.
+
+    ``data_n``: the normalised image (float32 jax array); returns (params, history).
+    """
+    bounds = _radius_bounds(geom, radius)
+    free = (params.particles.radius, params.particles.amplitude, params.psf, params.background)
+    pos = params.particles.pos
+    loss_fn = lambda f: _loss(f, pos, data_n, geom, bounds)  # noqa: E731
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss_fn)
+
+    @jax.jit
+    def step(free, state):
+        value, grad = value_and_grad(free, state=state)
+        updates, state = opt.update(grad, state, free, value=value, grad=grad, value_fn=loss_fn)
+        return optax.apply_updates(free, updates), state, value
+
+    state = opt.init(free)
+    history = []
+    prev = np.inf
+    for i in range(steps):
+        free, state, value = step(free, state)
+        v = float(value)
+        history.append(v)
+        if progress is not None:
+            progress(i, v)
+        if not np.isfinite(v):
+            raise FloatingPointError(f"the shape fit diverged at step {i} (loss {v})")
+        if abs(prev - v) <= tol * max(abs(v), 1e-12) and i > 10:
+            break
+        prev = v
+    radius_, amplitude, psf, background = free
+    params = Params(Particles(pos, jnp.clip(radius_, *bounds), amplitude), psf, background)
+    return params, history
+
+
+def initial_params(data_n, pos, geom: Geometry, *, radius, sign, psf: PSF) -> Params:
+    """Starting point: equal radii and brightness, B and the common amplitude from a
+    two-parameter linear least-squares fit of B + alpha * render(unit amplitudes)."""
+    n = pos.shape[0]
+    unit = Params(Particles(pos, jnp.full((n,), radius, jnp.float32), jnp.full((n,), sign, jnp.float32)),
+                  psf, Background.constant(0.0, geom))
+    u = np.asarray(render(unit, geom), np.float64).ravel()
+    d = np.asarray(data_n, np.float64).ravel()
+    A = np.stack([np.ones_like(u), u], axis=1)
+    (b0, alpha), *_ = np.linalg.lstsq(A, d, rcond=None)
+    alpha = max(float(alpha), 1e-3)
+    return Params(Particles(pos, unit.particles.radius, unit.particles.amplitude * alpha), psf,
+                  Background.constant(float(b0), geom))
+
+
+def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", steps=300,
+              n_components=3, elongation=2.5, progress=False) -> Model:
+    """Learn the particle shape S, radii, amplitudes and background with positions held.
+
+    Parameters
+    ----------
+    image : array (z, y, x), any real dtype; not modified.
+    positions : array (n, 3), voxels (z, y, x), voxel centres at integer indices; each
+        within the stack (a voxel's half-width beyond a face at most... see below).
+    voxel_size : (z, y, x) physical voxel size, or a scalar; None means voxels.
+    radius : particle radius in the unit of voxel_size; None estimates it from the
+        positions (half the median nearest-neighbour distance, right for dense packings).
+    invert : "auto" (decide from the light at the positions), True (dark particles on a
+        bright background), False (bright particles).
+    steps : maximum L-BFGS iterations.
+    n_components : Gaussian components of the PSF.
+    elongation : starting guess of the PSF's z/xy elongation.
+
+    Returns
+    -------
+    Model, with ``.model_image()`` in the units of ``image``.
+    """
+    image = check_stack(image)
+    vs = check_voxel_size(voxel_size)
+    vs_eff = vs if vs is not None else (1.0, 1.0, 1.0)
+    pos = check_positions(positions, shape=image.shape)
+    if len(pos) == 0:
+        raise ValueError("positions is empty: fit_shape needs at least one particle")
+    if radius is None:
+        radius = estimate_radius_from_positions(pos, vs_eff)
+    radius = float(radius)
+    if not (np.isfinite(radius) and radius > 0):
+        raise ValueError(f"radius must be positive and finite; got {radius}")
+    extent = np.asarray(image.shape) * np.asarray(vs_eff)
+    if radius > 0.5 * float(extent.max()):
+        raise ValueError(f"radius {radius} is larger than the stack (extent {tuple(extent)})")
+    sign = _decide_sign(image, pos, invert)
+    centre, scale = _normalise(image)
+    data_n = jnp.asarray((image.astype(np.float32) - np.float32(centre)) / np.float32(scale))
+
+    sxy, sz = default_psf_sigmas(vs_eff, elongation)
+    sxy = max(sxy, 0.2 * radius)
+    psf = PSF.init(sxy, elongation * sxy, n_components)
+    geom = make_geometry(image.shape, vs_eff, radius, psf)
+    pos_j = jnp.asarray(pos, jnp.float32)
+    p0 = initial_params(data_n, pos_j, geom, radius=radius, sign=sign, psf=psf)
+    cb = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="fit_shape", leave=False)
+        cb = lambda i, v: (bar.update(1), bar.set_postfix(loss=f"{v:.4g}"))  # noqa: E731
+    params, history = fit_parameters(p0, data_n, geom, radius=radius, steps=steps, progress=cb)
+    if progress:
+        bar.close()
+    params = to_image_units(params, centre, scale)
+    return Model(params=params, geometry=geom, voxel_size=vs, loss=float(history[-1]) * scale**2,
+                 history=tuple(h * scale**2 for h in history))

@@ -234,6 +234,40 @@ def render_parts(params: Params, geom: Geometry):
     return background_field(params.background, geom), convolve(P, kernel, geom)
 
 
+def validate(params: Params, geom: Geometry) -> None:
+    """Raise ValueError, naming the problem, for parameters the renderer cannot honour:
+    non-finite values, radii <= 0 or beyond the patch (larger than the layout allows or
+    than the stack), centres farther outside the stack than its margin."""
+    for name, leaf in (("positions", params.particles.pos), ("radii", params.particles.radius),
+                       ("amplitudes", params.particles.amplitude)):
+        a = np.asarray(leaf)
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} contain {int(np.sum(~np.isfinite(a)))} NaN/Inf values")
+    for name, leaf in (("PSF", params.psf), ("background", params.background)):
+        for a in jax.tree_util.tree_leaves(leaf):
+            if not np.all(np.isfinite(np.asarray(a))):
+                raise ValueError(f"the {name} parameters contain NaN/Inf values")
+    r = np.asarray(params.particles.radius)
+    if r.size and r.min() <= 0:
+        raise ValueError(f"radii must be > 0; got {r.min():g}")
+    extent = np.asarray(geom.shape) * np.asarray(geom.voxel_size)
+    if r.size and r.max() > 0.5 * extent.max():
+        raise ValueError(f"radius {r.max():g} is larger than the stack (extent {tuple(extent)})")
+    rmax = min((h - 1.5) * v for h, v in zip(geom.patch_half, geom.voxel_size))
+    if r.size and r.max() > rmax + 1e-6:
+        raise ValueError(f"radius {r.max():g} exceeds the layout's maximum {rmax:g}; "
+                         "make the Geometry with a larger max_radius")
+    pos = np.asarray(params.particles.pos)
+    lo = -0.5 - np.asarray(geom.margin)
+    hi = np.asarray(geom.shape) - 0.5 + np.asarray(geom.margin)
+    bad = np.any((pos < lo) | (pos > hi), axis=1) if pos.size else np.zeros(0, bool)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{int(bad.sum())} particle centres lie outside the stack (shape "
+                         f"{geom.shape}) by more than its margin {geom.margin} voxels; first: "
+                         f"row {i}, (z, y, x) = {tuple(np.round(pos[i], 3))}")
+
+
 @partial(jax.jit, static_argnames="geom")
 def render(params: Params, geom: Geometry):
     """The model image, float32, shape geom.shape."""

@@ -1,0 +1,202 @@
+"""The forward model: gradients, a brute-force reference, sub-voxel shifts, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.signal
+from jax.test_util import check_grads
+
+from difftrack.render import Background, Geometry, Params, Particles, render, validate
+from difftrack.shape import PSF, _box_spline_cdf, voxel_ball
+
+
+def reference(shape, vs, pos, R, psf, ss):
+    """Brute force: the ball sampled ss x finer per axis, convolved numerically with the
+    PSF sampled on the same fine grid, then binned to voxels."""
+    coords = [((np.arange(n * ss) + 0.5) / ss - 0.5) for n in shape]
+    Z, Y, X = np.meshgrid(*[(c - p) * v for c, p, v in zip(coords, pos, vs)], indexing="ij")
+    ball = ((Z**2 + Y**2 + X**2) <= R**2).astype(np.float64)
+    sz = float(np.max(np.exp(np.asarray(psf.log_sigma_z)) + np.abs(np.asarray(psf.z_offset))))
+    sxy = float(np.max(np.exp(np.asarray(psf.log_sigma_xy))))
+    half = [int(np.ceil(5 * e / (v / ss))) for e, v in zip((sz, sxy, sxy), vs)]
+    ax = [np.arange(-h, h + 1) * v / ss for h, v in zip(half, vs)]
+    K = np.asarray(psf.evaluate(ax[0][:, None, None], ax[1][None, :, None], ax[2][None, None, :]),
+                   np.float64)
+    conv = scipy.signal.fftconvolve(ball, K / K.sum(), mode="same")
+    return conv.reshape(shape[0], ss, shape[1], ss, shape[2], ss).mean(axis=(1, 3, 5))
+
+
+def one_particle(shape, vs, pos, R, psf, amp=1.0, level=0.0):
+    g = Geometry.make(shape, vs, max_radius=1.2 * R, psf_extent=(
+        5 * float(np.max(np.exp(np.asarray(psf.log_sigma_z)))), 5 * float(np.max(np.exp(np.asarray(psf.log_sigma_xy))))))
+    p = Params(Particles(jnp.asarray(np.atleast_2d(pos), jnp.float32), jnp.asarray([R], jnp.float32),
+                         jnp.asarray([amp], jnp.float32)), psf, Background.constant(level, g))
+    return p, g
+
+
+# radius (voxels), PSF z elongation; lateral PSF std 1 voxel (a Nyquist-sampled microscope)
+CASES = [(2.0, 1.0), (2.0, 3.0), (3.5, 2.0), (5.0, 1.0), (5.0, 3.0)]
+
+
+@pytest.mark.parametrize("R,elong", CASES)
+def test_matches_brute_force_reference(R, elong):
+    vs = (1.0, 1.0, 1.0)
+    shape = (int(2 * R + 8 * elong) + 6, int(2 * R) + 10, int(2 * R) + 9)  # non-cubic
+    pos = np.asarray(shape) / 2 + np.asarray([0.31, -0.22, 0.13])
+    psf = PSF.init(1.0, elong, 1)
+    p, g = one_particle(shape, vs, pos, R, psf)
+    img = np.asarray(render(p, g))
+    ref = reference(shape, vs, pos, R, psf, ss=7)
+    assert np.abs(img - ref).max() <= 0.01 * ref.max()
+    assert img.sum() == pytest.approx(ref.sum(), rel=5e-3)
+
+
+def test_matches_reference_with_non_gaussian_psf_and_anisotropic_voxels():
+    # three components: core, a wide tail, a displaced axial lobe; z step twice the pixel
+    vs = (2.0, 1.0, 1.0)
+    psf = PSF(jnp.log(jnp.asarray([1.0, 2.0, 1.2])), jnp.log(jnp.asarray([2.5, 5.0, 2.0])),
+              jnp.asarray([0.0, 1.0, -3.0]), jnp.log(jnp.asarray([0.7, 0.2, 0.1])))
+    shape = (20, 22, 21)
+    pos = np.asarray([10.2, 10.6, 9.9])
+    p, g = one_particle(shape, vs, pos, 4.0, psf)
+    img = np.asarray(render(p, g))
+    ref = reference(shape, vs, pos, 4.0, psf, ss=5)
+    assert np.abs(img - ref).max() <= 0.01 * ref.max()
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_sub_voxel_shift_equals_shifted_reference(axis):
+    ss = 7
+    vs = (1.0, 1.0, 1.0)
+    shape = (22, 16, 15)
+    R, psf = 3.0, PSF.init(1.0, 2.0, 1)
+    pos = np.asarray([11.0, 7.6, 7.3])
+    ref = reference(shape, vs, pos, R, psf, ss=ss)
+    for k in (2, -3):  # shift by k/ss of a voxel
+        d = np.zeros(3)
+        d[axis] = k / ss
+        p, g = one_particle(shape, vs, pos + d, R, psf)
+        img = np.asarray(render(p, g))
+        # the reference shifted by d: shift the fine grid by k samples, then bin again
+        shifted = reference(shape, vs, pos + d, R, psf, ss=ss)
+        assert np.abs(img - shifted).max() <= 0.01 * ref.max()
+        # and it really moved: the rendering differs from the unshifted reference
+        assert np.abs(img - ref).max() > 0.02 * ref.max()
+        com = np.asarray([np.sum(img * np.arange(n).reshape([-1 if i == a else 1 for i in range(3)]))
+                          for a, n in enumerate(shape)]) / img.sum()
+        assert com[axis] == pytest.approx(pos[axis] + d[axis], abs=0.02)
+
+
+def test_box_spline_derivatives():
+    with jax.enable_x64(True):
+        args = (jnp.array([0.1, -0.3, 0.7, 2.0]), jnp.array([0.3, 0.5, 0.9, 0.2]),
+                jnp.array([0.2, 0.6, 0.4, 0.5]), jnp.array([0.8, 0.1, 0.5, 0.7]))
+        check_grads(_box_spline_cdf, args, order=2, modes=["fwd", "rev"])
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    rng = np.random.default_rng(3)
+    shape, vs = (14, 18, 20), (1.5, 1.0, 1.0)
+    pos = np.asarray([[7.0, 9.0, 10.0],  # exactly on a voxel centre (r = 0 in the patch)
+                      [6.3, 4.45, 5.5],  # on a voxel face along x
+                      [8.7, 13.2, 15.1]])
+    psf = PSF(jnp.log(jnp.asarray([0.9, 1.8])), jnp.log(jnp.asarray([2.0, 3.5])),
+              jnp.asarray([0.0, 0.7]), jnp.log(jnp.asarray([0.8, 0.2])))
+    g = Geometry.make(shape, vs, max_radius=3.0, psf_extent=(10.0, 6.0), bg_degree=(1, 1, 1),
+                      illum_degree=(1, 1, 1))
+    bg = Background(jnp.asarray(rng.normal(0, 0.1, (2, 2, 2)), jnp.float32).at[0, 0, 0].set(1.0),
+                    jnp.asarray(rng.normal(0, 0.1, (2, 2, 2)), jnp.float32))
+    p = Params(Particles(jnp.asarray(pos, jnp.float32), jnp.asarray([2.5, 2.2, 2.8], jnp.float32),
+                         jnp.asarray([1.0, -0.5, 2.0], jnp.float32)), psf, bg)
+    w = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    return p, g, w
+
+
+GROUPS = {
+    "positions": lambda p: p.particles.pos,
+    "radii": lambda p: p.particles.radius,
+    "amplitudes": lambda p: p.particles.amplitude,
+    "psf": lambda p: p.psf,
+    "background": lambda p: p.background,
+}
+
+
+def _replace(p, group, value):
+    pa = p.particles
+    if group == "positions":
+        return Params(Particles(value, pa.radius, pa.amplitude), p.psf, p.background)
+    if group == "radii":
+        return Params(Particles(pa.pos, value, pa.amplitude), p.psf, p.background)
+    if group == "amplitudes":
+        return Params(Particles(pa.pos, pa.radius, value), p.psf, p.background)
+    if group == "psf":
+        return Params(pa, value, p.background)
+    return Params(pa, p.psf, value)
+
+
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_gradients_match_finite_differences(small_model, group):
+    """check_grads (float32: central differences of a projection of the image)."""
+    p, g, w = small_model
+
+    def f(x):
+        return jnp.sum(w * render(_replace(p, group, x), g))
+
+    check_grads(f, (GROUPS[group](p),), order=1, modes=["rev"], eps=1e-2, atol=2e-2, rtol=2e-2)
+    grads = jax.grad(f)(GROUPS[group](p))
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree_util.tree_leaves(grads))
+
+
+def test_position_gradient_is_finite_at_integer_positions_and_patch_edges(small_model):
+    p, g, w = small_model
+    f = lambda x: jnp.sum(w * render(_replace(p, "positions", x), g))  # noqa: E731
+    for delta in (0.0, 0.5, -0.5, 0.4999):
+        x = p.particles.pos + delta
+        gr = np.asarray(jax.grad(f)(x))
+        assert np.all(np.isfinite(gr)) and np.abs(gr).max() > 0
+        # one-sided finite differences agree around the rounding boundary of the patch
+        e = jnp.zeros_like(x).at[1, 2].set(1e-2)
+        fd = (f(x + e) - f(x - e)) / 2e-2
+        assert float(fd) == pytest.approx(float(gr[1, 2]), rel=3e-2, abs=3e-2)
+
+
+def test_translation_invariance_and_mass(small_model):
+    p, g, _ = small_model
+    one = Params(Particles(p.particles.pos[:1], p.particles.radius[:1], jnp.ones(1)), p.psf,
+                 Background.constant(0.0, g))
+    a = np.asarray(render(one, g))
+    shifted = Params(Particles(one.particles.pos + jnp.asarray([1.0, -2.0, 3.0]),
+                               one.particles.radius, one.particles.amplitude), p.psf, one.background)
+    b = np.asarray(render(shifted, g))
+    # b[z + 1, y - 2, x + 3] == a[z, y, x] where both are inside the stack
+    np.testing.assert_allclose(b[1:, :-2, 3:], a[:-1, 2:, :-3], atol=2e-5 * a.max())
+    # the light of a particle far from the faces is its volume in voxels
+    vol = 4 / 3 * np.pi * 2.5**3 / np.prod(g.voxel_size)
+    assert a.sum() == pytest.approx(vol, rel=5e-3)
+
+
+def test_voxel_ball_volume_and_range():
+    vs = (2.0, 1.0, 1.0)
+    ax = [np.arange(-6, 7) * v for v in vs]
+    occ = np.asarray(voxel_ball(ax[0][:, None, None] - 0.3, ax[1][None, :, None] + 0.2,
+                                ax[2][None, None, :], 4.0, vs))
+    assert occ.min() >= -1e-4 and occ.max() <= 1 + 1e-4  # float32 cancellation in the spline
+    assert occ.sum() * np.prod(vs) == pytest.approx(4 / 3 * np.pi * 4.0**3, rel=5e-3)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda p: _replace(p, "positions", p.particles.pos.at[0, 1].set(jnp.nan)), "NaN"),
+    (lambda p: _replace(p, "radii", p.particles.radius.at[0].set(0.0)), "radii must be > 0"),
+    (lambda p: _replace(p, "radii", p.particles.radius.at[0].set(40.0)), "larger than the stack"),
+    (lambda p: _replace(p, "radii", p.particles.radius.at[0].set(5.0)), "exceeds the layout"),
+    (lambda p: _replace(p, "positions", p.particles.pos.at[2, 2].set(60.0)), "outside the stack"),
+    (lambda p: _replace(p, "psf", PSF(p.psf.log_sigma_xy.at[0].set(jnp.nan), p.psf.log_sigma_z,
+                                     p.psf.z_offset, p.psf.logit_weight)), "PSF"),
+])
+def test_validate_names_the_problem(small_model, bad, match):
+    p, g, _ = small_model
+    validate(p, g)  # the good parameters pass
+    with pytest.raises(ValueError, match=match):
+        validate(bad(p), g)

@@ -62,7 +62,7 @@ def find_peaks(image, radius_vox, *, invert=False, threshold=None, separation=0.
     image : (z, y, x) array.
     radius_vox : particle radius in voxels, per axis (z, y, x) or a scalar.
     invert : dark particles on a bright background.
-    threshold : minimum filtered value; default 3 standard deviations of the filtered
+    threshold : minimum filtered value; default 5 standard deviations of the filtered
         noise (the pixel noise measured on differences of neighbouring voxels, so the
         particles' own contrast does not inflate it).
     separation : minimum distance between maxima, in radii.
@@ -80,8 +80,15 @@ def find_peaks(image, radius_vox, *, invert=False, threshold=None, separation=0.
     foot = _ellipsoid(separation * r)
     mx = ndimage.maximum_filter(f, footprint=foot, mode="nearest")
     if threshold is None:
-        threshold = 3.0 * filtered_noise(image, r)
-    peaks = np.argwhere((f == mx) & (f > threshold))
+        threshold = 5.0 * filtered_noise(image, r)
+    is_max = (f == mx) & (f > threshold)
+    # a flat-topped maximum (ties) is one peak: keep one voxel per connected plateau
+    labels, n = ndimage.label(is_max, structure=np.ones((3, 3, 3)))
+    if n:
+        first = ndimage.minimum_position(np.zeros(f.shape), labels, index=np.arange(1, n + 1))
+        peaks = np.asarray(first, int).reshape(-1, 3)
+    else:
+        peaks = np.zeros((0, 3), int)
     if len(peaks) == 0:
         return pd.DataFrame({"z": [], "y": [], "x": [], "mass": []})
     pos = peaks.astype(float)

@@ -35,8 +35,9 @@ class Model:
     params: ``render.Params`` (positions in voxels, radii in the unit of voxel_size).
     geometry: ``render.Geometry`` (static layout).
     voxel_size: (z, y, x) or None (then lengths are in voxels).
-    loss: final mean squared residual (image units squared).
+    loss: final mean squared residual (image units squared) over the fitted voxels.
     history: loss after each optimiser step.
+    weight: per-voxel weight the fit used (0 in the border left out), or None.
     """
 
     params: Params
@@ -44,6 +45,7 @@ class Model:
     voxel_size: tuple | None
     loss: float
     history: tuple
+    weight: np.ndarray | None = None
 
     def model_image(self) -> np.ndarray:
         """The model image (z, y, x), float32, in the units of the input image."""
@@ -133,26 +135,48 @@ def _radius_bounds(geom: Geometry, radius):
 
 
 @partial(jax.jit, static_argnames=("geom", "bounds"))
-def _loss(free, pos, data, geom, bounds):
-    """Mean squared residual of the normalised image, plus weak priors."""
+def _loss(free, pos, data, weight, geom, bounds):
+    """Weighted mean squared residual of the normalised image, plus weak priors."""
     radius, amplitude, psf, background = free
     lo, hi = bounds
     params = Params(Particles(pos, jnp.clip(radius, lo, hi), amplitude), psf, background)
     r = data - render(params, geom)
     prior = 1e-4 * jnp.sum(background.illum**2)
-    return jnp.mean(r * r) + prior
+    return jnp.sum(weight * r * r) / jnp.sum(weight) + prior
 
 
-def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, steps=200, tol=1e-7,
-                   progress=None):
+def border_weight(shape, border):
+    """1 inside, 0 within ``border`` = (z, y, x) voxels of a face (float32 (z, y, x)).
+
+    Particles whose centres lie outside the stack are unknown to a fit, but their light
+    reaches about a radius plus the PSF's reach into it; fitting those voxels would
+    bend the shape and background to explain light that belongs to missing particles.
+    A border too wide for the stack is shrunk so that at least a third of each axis stays.
+    """
+    w = np.ones(shape, np.float32)
+    for k, (n, b) in enumerate(zip(shape, border)):
+        b = int(min(max(b, 0), n // 3))
+        if b:
+            sl = [slice(None)] * 3
+            sl[k] = slice(0, b)
+            w[tuple(sl)] = 0
+            sl[k] = slice(n - b, n)
+            w[tuple(sl)] = 0
+    return w
+
+
+def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, weight=None, steps=200,
+                   tol=1e-7, progress=None):
     """L-BFGS on radii, amplitudes, PSF and background with positions held.
 
-    ``data_n``: the normalised image (float32 jax array); returns (params, history).
+    ``data_n``: the normalised image (float32 jax array); ``weight``: per-voxel weight of
+    the residual (default 1); returns (params, history).
     """
+    weight = jnp.ones(geom.shape, jnp.float32) if weight is None else jnp.asarray(weight)
     bounds = _radius_bounds(geom, radius)
     free = (params.particles.radius, params.particles.amplitude, params.psf, params.background)
     pos = params.particles.pos
-    loss_fn = lambda f: _loss(f, pos, data_n, geom, bounds)  # noqa: E731
+    loss_fn = lambda f: _loss(f, pos, data_n, weight, geom, bounds)  # noqa: E731
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(loss_fn)
 
@@ -181,7 +205,7 @@ def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, steps=200,
     return params, history
 
 
-def initial_params(data_n, pos, geom: Geometry, *, radius, sign, psf: PSF) -> Params:
+def initial_params(data_n, pos, geom: Geometry, *, radius, sign, psf: PSF, weight=None) -> Params:
     """Starting point: equal radii and brightness, B and the common amplitude from a
     two-parameter linear least-squares fit of B + alpha * render(unit amplitudes)."""
     n = pos.shape[0]
@@ -189,6 +213,9 @@ def initial_params(data_n, pos, geom: Geometry, *, radius, sign, psf: PSF) -> Pa
                   psf, Background.constant(0.0, geom))
     u = np.asarray(render(unit, geom), np.float64).ravel()
     d = np.asarray(data_n, np.float64).ravel()
+    if weight is not None:
+        keep = np.asarray(weight).ravel() > 0
+        u, d = u[keep], d[keep]
     A = np.stack([np.ones_like(u), u], axis=1)
     (b0, alpha), *_ = np.linalg.lstsq(A, d, rcond=None)
     alpha = max(float(alpha), 1e-3)
@@ -197,7 +224,7 @@ def initial_params(data_n, pos, geom: Geometry, *, radius, sign, psf: PSF) -> Pa
 
 
 def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", steps=300,
-              n_components=3, elongation=2.5, progress=False) -> Model:
+              n_components=3, elongation=2.5, border="auto", progress=False) -> Model:
     """Learn the particle shape S, radii, amplitudes and background with positions held.
 
     Parameters
@@ -213,6 +240,9 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
     steps : maximum L-BFGS iterations.
     n_components : Gaussian components of the PSF.
     elongation : starting guess of the PSF's z/xy elongation.
+    border : voxels (z, y, x) next to each face left out of the fit, where light from
+        particles outside the stack (absent from ``positions``) may fall; "auto" is the
+        radius plus two starting PSF widths; 0 fits every voxel.
 
     Returns
     -------
@@ -241,16 +271,24 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
     psf = PSF.init(sxy, elongation * sxy, n_components)
     geom = make_geometry(image.shape, vs_eff, radius, psf)
     pos_j = jnp.asarray(pos, jnp.float32)
-    p0 = initial_params(data_n, pos_j, geom, radius=radius, sign=sign, psf=psf)
+    if isinstance(border, str):
+        if border != "auto":
+            raise ValueError(f"border must be 'auto' or voxels (z, y, x); got {border!r}")
+        reach = (radius + 2 * elongation * sxy, radius + 2 * sxy, radius + 2 * sxy)
+        border = [int(math.ceil(r / v)) for r, v in zip(reach, vs_eff)]
+    border = np.broadcast_to(np.asarray(border, int), (3,))
+    weight = border_weight(image.shape, border)
+    p0 = initial_params(data_n, pos_j, geom, radius=radius, sign=sign, psf=psf, weight=weight)
     cb = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc="fit_shape", leave=False)
         cb = lambda i, v: (bar.update(1), bar.set_postfix(loss=f"{v:.4g}"))  # noqa: E731
-    params, history = fit_parameters(p0, data_n, geom, radius=radius, steps=steps, progress=cb)
+    params, history = fit_parameters(p0, data_n, geom, radius=radius, weight=weight, steps=steps,
+                                     progress=cb)
     if progress:
         bar.close()
     params = to_image_units(params, centre, scale)
     return Model(params=params, geometry=geom, voxel_size=vs, loss=float(history[-1]) * scale**2,
-                 history=tuple(h * scale**2 for h in history))
+                 history=tuple(h * scale**2 for h in history), weight=weight)

@@ -119,9 +119,11 @@ class Params:
 
 def _legendre_basis(n, degree, start=0, length=None):
     """Legendre polynomials P_0..P_degree on indices start..start+n-1, mapped so that the
-    stack's own voxels (0..length-1) span [-1, 1]. Shape (degree+1, n)."""
+    stack's own voxels (0..length-1) span [-1, 1] (held at the end values outside).
+    Shape (degree+1, n)."""
     length = n if length is None else length
     t = (np.arange(start, start + n, dtype=np.float64)) / max(length - 1, 1) * 2.0 - 1.0
+    t = np.clip(t, -1.0, 1.0)  # constant beyond the faces: a polynomial must not explode there
     return jnp.asarray(np.polynomial.legendre.legvander(t, degree).T, jnp.float32)
 
 

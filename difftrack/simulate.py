@@ -100,7 +100,7 @@ def simulate(
     shape : (z, y, x) stack shape in voxels.
     voxel_size : (z, y, x) physical voxel size (default um).
     radius : mean particle radius, physical units.
-    volume_fraction : of the hard-sphere packing, 0 < phi <= 0.58.
+    volume_fraction : of the hard-sphere packing, 0 < phi <= 0.62 (checked to 0.58).
     polydispersity : relative std of the radii.
     psf : a ``shape.PSF``; default ``default_psf(voxel_size, radius, elongation=...)``.
     photons : mean photon count at a particle's centre (the particle contrast).

@@ -200,3 +200,17 @@ def test_validate_names_the_problem(small_model, bad, match):
     validate(p, g)  # the good parameters pass
     with pytest.raises(ValueError, match=match):
         validate(bad(p), g)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("elong", [1.0, 3.0])
+def test_matches_brute_force_reference_large_radius(elong):
+    """Radius 8 px (the top of the 2-8 px range) against a 9x supersampled reference."""
+    vs, R = (1.0, 1.0, 1.0), 8.0
+    shape = (int(2 * R + 8 * elong) + 6, int(2 * R) + 10, int(2 * R) + 9)
+    pos = np.asarray(shape) / 2 + np.asarray([0.3, -0.2, 0.1])
+    psf = PSF.init(1.0, elong, 1)
+    p, g = one_particle(shape, vs, pos, R, psf)
+    img = np.asarray(render(p, g))
+    ref = reference(shape, vs, pos, R, psf, ss=9)
+    assert np.abs(img - ref).max() <= 0.01 * ref.max()

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pandas as pd
 from scipy.spatial import cKDTree
 
 from ._checks import check_positions, check_stack, check_voxel_size
+from .optimize import minimize
 from .render import Background, Geometry, Params, Particles, render
 from .shape import PSF, default_psf_sigmas
 
@@ -134,11 +132,10 @@ def _radius_bounds(geom: Geometry, radius):
     return 0.3 * radius, hi
 
 
-@partial(jax.jit, static_argnames=("geom", "bounds"))
-def _loss(free, pos, data, weight, geom, bounds):
+def _loss(free, pos, data, weight, *, static):
     """Weighted mean squared residual of the normalised image, plus weak priors."""
+    geom, (lo, hi) = static
     radius, amplitude, psf, background = free
-    lo, hi = bounds
     params = Params(Particles(pos, jnp.clip(radius, lo, hi), amplitude), psf, background)
     r = data - render(params, geom)
     prior = 1e-4 * jnp.sum(background.illum**2)
@@ -176,30 +173,8 @@ def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, weight=Non
     bounds = _radius_bounds(geom, radius)
     free = (params.particles.radius, params.particles.amplitude, params.psf, params.background)
     pos = params.particles.pos
-    loss_fn = lambda f: _loss(f, pos, data_n, weight, geom, bounds)  # noqa: E731
-    opt = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(loss_fn)
-
-    @jax.jit
-    def step(free, state):
-        value, grad = value_and_grad(free, state=state)
-        updates, state = opt.update(grad, state, free, value=value, grad=grad, value_fn=loss_fn)
-        return optax.apply_updates(free, updates), state, value
-
-    state = opt.init(free)
-    history = []
-    prev = np.inf
-    for i in range(steps):
-        free, state, value = step(free, state)
-        v = float(value)
-        history.append(v)
-        if progress is not None:
-            progress(i, v)
-        if not np.isfinite(v):
-            raise FloatingPointError(f"the shape fit diverged at step {i} (loss {v})")
-        if abs(prev - v) <= tol * max(abs(v), 1e-12) and i > 10:
-            break
-        prev = v
+    free, history = minimize(_loss, free, (pos, data_n, weight), static=(geom, bounds),
+                             steps=steps, tol=tol, progress=progress, what="shape fit")
     radius_, amplitude, psf, background = free
     params = Params(Particles(pos, jnp.clip(radius_, *bounds), amplitude), psf, background)
     return params, history

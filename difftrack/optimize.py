@@ -1,0 +1,49 @@
+"""One L-BFGS driver (optax) shared by every fit: a jitted step, a plain Python loop.
+
+The step is compiled once per (loss, static layout, argument shapes): repeated fits of
+the same stack, and later rounds of ``refine``, reuse the compiled step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import numpy as np
+import optax
+
+_LBFGS = optax.lbfgs()
+
+
+@partial(jax.jit, static_argnames=("loss", "static"))
+def _step(free, state, args, *, loss, static):
+    fn = lambda f: loss(f, *args, static=static)  # noqa: E731
+    value, grad = optax.value_and_grad_from_state(fn)(free, state=state)
+    updates, state = _LBFGS.update(grad, state, free, value=value, grad=grad, value_fn=fn)
+    return optax.apply_updates(free, updates), state, value
+
+
+def minimize(loss, free, args, *, static, steps=200, tol=1e-7, progress=None, what="fit"):
+    """Minimise ``loss(free, *args, static=static)`` over the pytree ``free``.
+
+    ``loss`` must be a module-level function (it is a static argument of the jitted step)
+    and ``static`` hashable. Stops after ``steps`` or when the relative change of the loss
+    falls below ``tol``. Returns (free, history). Raises FloatingPointError when the loss
+    becomes NaN/Inf, naming ``what``.
+    """
+    state = _LBFGS.init(free)
+    history = []
+    prev = np.inf
+    for i in range(steps):
+        new, state, value = _step(free, state, args, loss=loss, static=static)
+        v = float(value)
+        if not np.isfinite(v):
+            raise FloatingPointError(f"the {what} diverged at step {i} (loss {v})")
+        free = new
+        history.append(v)
+        if progress is not None:
+            progress(i, v)
+        if abs(prev - v) <= tol * max(abs(v), 1e-12) and i > 10:
+            break
+        prev = v
+    return free, history

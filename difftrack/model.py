@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
@@ -132,11 +131,12 @@ def _radius_bounds(geom: Geometry, radius):
     return 0.3 * radius, hi
 
 
-def _loss(free, pos, data, weight, *, static):
+def _loss(free, pos, data, weight, amplitude_mask, *, static):
     """Weighted mean squared residual of the normalised image, plus weak priors."""
     geom, (lo, hi) = static
     radius, amplitude, psf, background = free
-    params = Params(Particles(pos, jnp.clip(radius, lo, hi), amplitude), psf, background)
+    params = Params(Particles(pos, jnp.clip(radius, lo, hi), amplitude * amplitude_mask), psf,
+                    background)
     r = data - render(params, geom)
     prior = 1e-4 * jnp.sum(background.illum**2)
     return jnp.sum(weight * r * r) / jnp.sum(weight) + prior
@@ -163,20 +163,23 @@ def border_weight(shape, border):
 
 
 def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, weight=None, steps=200,
-                   tol=1e-7, progress=None):
+                   tol=1e-7, progress=None, amplitude_mask=None):
     """L-BFGS on radii, amplitudes, PSF and background with positions held.
 
     ``data_n``: the normalised image (float32 jax array); ``weight``: per-voxel weight of
-    the residual (default 1); returns (params, history).
+    the residual (default 1); ``amplitude_mask``: 1 for particles that exist, 0 for empty
+    slots of a fixed-capacity buffer (default all 1); returns (params, history).
     """
     weight = jnp.ones(geom.shape, jnp.float32) if weight is None else jnp.asarray(weight)
+    n = params.particles.amplitude.shape[0]
+    amask = jnp.ones((n,), jnp.float32) if amplitude_mask is None else jnp.asarray(amplitude_mask)
     bounds = _radius_bounds(geom, radius)
     free = (params.particles.radius, params.particles.amplitude, params.psf, params.background)
     pos = params.particles.pos
-    free, history = minimize(_loss, free, (pos, data_n, weight), static=(geom, bounds),
+    free, history = minimize(_loss, free, (pos, data_n, weight, amask), static=(geom, bounds),
                              steps=steps, tol=tol, progress=progress, what="shape fit")
     radius_, amplitude, psf, background = free
-    params = Params(Particles(pos, jnp.clip(radius_, *bounds), amplitude), psf, background)
+    params = Params(Particles(pos, jnp.clip(radius_, *bounds), amplitude * amask), psf, background)
     return params, history
 
 

@@ -195,6 +195,17 @@ def _add_patches_bwd(res, g):
 _add_patches.defvjp(_add_patches_fwd, _add_patches_bwd)
 
 
+def _scratch_layout(corner, geom: Geometry):
+    """Start of each patch on the scratch canvas (the canvas padded by one patch on every
+    side), and the padding."""
+    h = jnp.asarray(geom.patch_half, jnp.int32)
+    pad = tuple(2 * k + 1 for k in geom.patch_half)
+    big = tuple(c + 2 * p for c, p in zip(geom.canvas, pad))
+    start = corner + jnp.asarray(geom.margin, jnp.int32) + jnp.asarray(pad, jnp.int32)
+    start = jnp.clip(start, 0, jnp.asarray(big, jnp.int32) - 2 * h - 1)
+    return start, pad, big
+
+
 def rasterise(particles: Particles, geom: Geometry):
     """Sum of a_i ball_i on the canvas (shape geom.canvas).
 
@@ -203,15 +214,26 @@ def rasterise(particles: Particles, geom: Geometry):
     clamp their start); positions must lie within a patch of the canvas.
     """
     vals, corner = patch_values(particles, geom)
-    h = jnp.asarray(geom.patch_half, jnp.int32)
-    m = jnp.asarray(geom.margin, jnp.int32)
-    pad = tuple(2 * k + 1 for k in geom.patch_half)
-    big = tuple(c + 2 * p for c, p in zip(geom.canvas, pad))
-    start = corner + m + jnp.asarray(pad, jnp.int32)
-    start = jnp.clip(start, 0, jnp.asarray(big, jnp.int32) - 2 * h - 1)
+    start, pad, big = _scratch_layout(corner, geom)
     scratch = _add_patches(jnp.zeros(big, jnp.float32), vals, start)
     return scratch[pad[0]:pad[0] + geom.canvas[0], pad[1]:pad[1] + geom.canvas[1],
                    pad[2]:pad[2] + geom.canvas[2]]
+
+
+def gather_patches(field, corner, geom: Geometry):
+    """The values of a canvas field (shape geom.canvas) on each particle's patch:
+    (n, pz, py, px), zero where a patch sticks out of the canvas (the adjoint of the
+    patch sum in ``rasterise``)."""
+    start, pad, big = _scratch_layout(corner, geom)
+    padded = jnp.pad(field, [(p, p) for p in pad])
+    size = tuple(2 * k + 1 for k in geom.patch_half)
+    return jax.vmap(lambda c: jax.lax.dynamic_slice(padded, (c[0], c[1], c[2]), size))(start)
+
+
+def to_canvas(field, geom: Geometry):
+    """A stack-shaped field placed on the canvas (zero in the margins)."""
+    m = geom.margin
+    return jnp.pad(field, [(mk, c - s - mk) for mk, c, s in zip(m, geom.canvas, geom.shape)])
 
 
 def _kernel_on_canvas(kernel, geom: Geometry):
@@ -227,6 +249,14 @@ def convolve(field, kernel, geom: Geometry):
     out = jnp.fft.irfftn(jnp.fft.rfftn(field) * jnp.fft.rfftn(kfull), s=geom.canvas)
     m = geom.margin
     return out[m[0]:m[0] + geom.shape[0], m[1]:m[1] + geom.shape[1], m[2]:m[2] + geom.shape[2]]
+
+
+def correlate(field, kernel, geom: Geometry):
+    """The adjoint of ``convolve``: a stack-shaped field correlated with the kernel, on the
+    whole canvas (shape geom.canvas)."""
+    kfull = _kernel_on_canvas(kernel, geom)
+    f = jnp.fft.rfftn(to_canvas(field, geom))
+    return jnp.fft.irfftn(f * jnp.conj(jnp.fft.rfftn(kfull)), s=geom.canvas)
 
 
 def render_parts(params: Params, geom: Geometry):

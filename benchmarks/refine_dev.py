@@ -1,0 +1,67 @@
+"""refine_positions on the dev stacks from degraded truth (issue 4's protocol).
+
+    python benchmarks/refine_dev.py [NAME ...]
+
+Start: the true centres jittered by U(-0.5, 0.5) voxel per axis, 10% deleted, 2% spurious
+added uniformly in the stack (seeded). Scored on the interior (one radius from each face):
+recall, precision, RMSE per axis over the Cramer-Rao bound (crlb.json), and calibration
+std((found - true) / sigma) per axis.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from difftrack import match, read_stack, score
+from difftrack.refine import refine_positions
+
+DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev"
+NAMES = ["dev_peri_r4_phi48_bright", "dev_peri_r3_phi50_dark", "dev_small_dense", "dev_large"]
+
+
+def degraded_start(truth, shape, rng):
+    t = truth[["z", "y", "x"]].to_numpy()
+    start = t + rng.uniform(-0.5, 0.5, t.shape)
+    start = start[rng.random(len(t)) > 0.10]
+    spurious = rng.uniform(0, 1, (int(round(0.02 * len(t))), 3)) * (np.asarray(shape) - 1)
+    return np.clip(np.vstack([start, spurious]), -0.5, np.asarray(shape) - 0.5)
+
+
+def main(names):
+    crlb = json.loads((DEV / "crlb.json").read_text())
+    rows = []
+    for name in names:
+        st = read_stack(DEV / f"{name}.tif")
+        meta = json.loads((DEV / f"{name}.json").read_text())
+        truth = pd.read_csv(DEV / f"{name}.csv")
+        vs, rad = (st.voxel_size, meta["radius_um"]) if "px_um" in meta else (None, meta["radius"])
+        vse = np.asarray(vs or (1.0, 1.0, 1.0))
+        start = degraded_start(truth, st.image.shape, np.random.default_rng(0))
+        t0 = time.perf_counter()
+        res = refine_positions(st.image, start, voxel_size=vs, radius=rad)
+        dt = time.perf_counter() - t0
+        f = res.particles[["z", "y", "x"]].to_numpy()
+        t = truth[["z", "y", "x"]].to_numpy()
+        s = score(f, t, radius=rad, voxel_size=tuple(vse), shape=st.image.shape)
+        i, j = match(f, t, cutoff=rad, voxel_size=tuple(vse))
+        inner = np.all((t[j] >= rad / vse - 0.5) & (t[j] <= np.asarray(st.image.shape) - 0.5 - rad / vse), axis=1)
+        sig = res.particles[["sigma_z", "sigma_y", "sigma_x"]].to_numpy()[i][inner]
+        cal = ((f[i] - t[j])[inner] / sig).std(axis=0)
+        c = np.asarray(crlb[name]["crlb_rms_zyx"])
+        med = np.median(np.abs(f[i] - t[j])[inner], axis=0)
+        row = dict(stack=name, recall=s.recall, precision=s.precision,
+                   rmse_over_crlb=np.round(s.rmse / c, 2).tolist(),
+                   median_abs_err_vox=np.round(med, 3).tolist(), calibration=np.round(cal, 2).tolist(),
+                   added=res.stats["added"], removed=res.stats["removed"], seconds=round(dt, 1),
+                   particles_per_second=round(len(f) / dt, 1))
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or NAMES)

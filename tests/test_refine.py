@@ -1,0 +1,108 @@
+"""Refinement pieces that are finished: the noise model, the exact removal gain, the
+addition gain map (never adds to pure noise), and the end-to-end loop on a tiny stack."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from difftrack import simulate
+from difftrack.refine import (_fisher_tables, _gain_map, _interp_tables, _removal_gain,
+                              estimate_noise, refine_positions)
+from difftrack.render import Background, Params, Particles, render
+
+
+def test_estimate_noise_recovers_a_poisson_like_model():
+    rng = np.random.default_rng(0)
+    model = rng.uniform(10, 200, (20, 30, 40))
+    image = model + rng.standard_normal(model.shape) * np.sqrt(4.0 + 1.0 * (model - 10))
+    nm = estimate_noise(image, model)
+    assert nm.variance(np.asarray([10.0]))[0] == pytest.approx(4.0, abs=1.5)
+    assert nm.variance(np.asarray([200.0]))[0] == pytest.approx(194.0, rel=0.08)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return simulate((16, 28, 32), voxel_size=(0.2, 0.1, 0.1), radius=0.4, volume_fraction=0.45,
+                    photons=100.0, seed=5)
+
+
+def test_removal_gain_is_the_exact_chi2_change(sim):
+    p, g = sim.params, sim.geometry
+    data = sim.image.astype(np.float32) - 100.0
+    w = (1.0 / sim.noise_variance).astype(np.float32)
+    r = data - np.asarray(render(p, g))
+    R = np.asarray(p.particles.radius)
+    grid = np.unique(np.quantile(R, [0, 0.5, 1]))
+    _, Es = _fisher_tables(grid, p.psf, g)
+    _, E = _interp_tables(R, grid, np.zeros((len(grid), 5, 5)), Es)
+    gain = _removal_gain(p, jnp.asarray(w * r), w, g, E, exact_below=np.inf)
+    chi0 = float(np.sum(w * r * r))
+    for i in [0, 7, 20, 33]:
+        q = Params(Particles(p.particles.pos, p.particles.radius,
+                             p.particles.amplitude.at[i].set(0.0)), p.psf, p.background)
+        ri = data - np.asarray(render(q, g))
+        exact = float(np.sum(w * ri * ri)) - chi0
+        assert gain[i] == pytest.approx(exact, rel=1e-3, abs=1.0)
+
+
+def test_gain_map_finds_a_missing_particle_and_nothing_in_noise(sim):
+    p, g = sim.params, sim.geometry
+    data = sim.image.astype(np.float32) - 100.0
+    w = (1.0 / sim.noise_variance).astype(np.float32)
+    penalty = 5 * math.log(data.size)
+    # drop an interior particle: the gain map peaks at it, far above the penalty
+    pos = np.asarray(p.particles.pos)
+    i = int(np.argmin(np.linalg.norm(pos - np.asarray(data.shape) / 2, axis=1)))
+    q = Params(Particles(p.particles.pos, p.particles.radius, p.particles.amplitude.at[i].set(0.0)),
+               p.psf, p.background)
+    r = data - np.asarray(render(q, g))
+    gmap, amp = _gain_map(jnp.asarray(w * r), jnp.asarray(w), q, g, 0.4, 1.0)
+    peak = np.unravel_index(np.argmax(gmap), gmap.shape)
+    assert gmap.max() > 10 * penalty
+    assert np.all(np.abs(np.asarray(peak) - pos[i]) <= 1.0)
+    # pure noise (the particles' light removed): nothing pays the penalty
+    rng = np.random.default_rng(1)
+    noise = rng.standard_normal(data.shape).astype(np.float32) * np.sqrt(sim.noise_variance)
+    gmap, _ = _gain_map(jnp.asarray(w * noise), jnp.asarray(w), q, g, 0.4, 1.0)
+    assert gmap.max() < penalty
+
+
+def test_refine_adds_nothing_to_pure_noise():
+    rng = np.random.default_rng(2)
+    image = rng.poisson(20.0, (12, 24, 28)).astype(np.uint16) + 100
+    res = refine_positions(image, [[6.0, 12.0, 14.0], [6.0, 5.0, 5.0]], voxel_size=(0.2, 0.1, 0.1),
+                           radius=0.4, invert=False, max_rounds=2, steps=30, shape_steps=30,
+                           polish=0)
+    assert res.stats["added"] == 0
+    assert np.all(np.isfinite(res.particles[["z", "y", "x"]].to_numpy()))
+
+
+def test_refine_recovers_deleted_particles(sim):
+    t = sim.truth[["z", "y", "x"]].to_numpy()
+    t = t[np.all((t >= -0.5) & (t <= np.asarray(sim.image.shape) - 0.5), axis=1)]
+    rng = np.random.default_rng(0)
+    start = t + rng.uniform(-0.3, 0.3, t.shape)
+    start = start[rng.random(len(start)) > 0.1]
+    res = refine_positions(sim.image, np.clip(start, -0.5, np.asarray(sim.image.shape) - 0.5),
+                           voxel_size=sim.voxel_size, radius=0.4, max_rounds=3, steps=60,
+                           shape_steps=60, polish=0)
+    df = res.particles
+    assert res.stats["added"] >= 1
+    assert {"z", "y", "x", "sigma_z", "sigma_y", "sigma_x", "amplitude", "radius", "quality",
+            "z_um", "y_um", "x_um"} <= set(df.columns)
+    from difftrack import score
+
+    s = score(df[["z", "y", "x"]].to_numpy(), t, radius=0.4, voxel_size=sim.voxel_size,
+              shape=sim.image.shape)
+    # measured 0.86 / 0.95 with these short settings; issue 4 targets 0.995 (not met yet)
+    assert s.recall >= 0.8 and s.precision >= 0.9
+    assert np.all(df[["sigma_z", "sigma_y", "sigma_x"]].to_numpy() > 0)
+
+
+def test_refine_bad_input():
+    with pytest.raises(ValueError, match="empty"):
+        refine_positions(np.random.default_rng(0).normal(size=(6, 8, 8)), np.zeros((0, 3)))
+    with pytest.raises(ValueError, match="outside"):
+        refine_positions(np.random.default_rng(0).normal(size=(6, 8, 8)), [[30.0, 1.0, 1.0]])

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+import scipy.fft
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
@@ -43,7 +44,7 @@ from .detect import _ellipsoid
 from .model import (Model, _normalise, fit_parameters, fit_shape, to_image_units,
                     to_normalised_units)
 from .optimize import minimize
-from .render import (Geometry, Params, Particles, _kernel_on_canvas, correlate, gather_patches,
+from .render import (Geometry, Params, Particles, correlate, gather_patches,
                      illumination_field, patch_values, render, render_parts, to_canvas)
 from .shape import voxel_ball
 
@@ -270,12 +271,17 @@ def _quality(params: Params, z2, geom):
     return np.sqrt(np.asarray(jnp.sum(inside * g, axis=(1, 2, 3)) / jnp.maximum(n, 1.0)))
 
 
-def _gain_map(resid_w, w, params: Params, geom, R, sign):
-    """chi^2 gain of adding a particle of radius R centred at each voxel, with its best
-    amplitude: (sum w r t)^2 / sum w t^2 (t the unit particle's light), where the
-    amplitude has the expected sign; 0 elsewhere. Also returns that amplitude."""
+def _gain_map(resid_w, w, params: Params, geom, R, sign, reach):
+    """chi^2 gain of adding a particle of radius R centred at each voxel of the stack
+    extended by ``reach`` voxels (z, y, x) past every face, with its best amplitude:
+    (sum w r t)^2 / sum w t^2 (t the unit particle's light; only the stack's voxels count,
+    so a particle just outside is found by the light it sheds in). Zero where the best
+    amplitude has the wrong sign. Returns (gain, amplitude), on that extended grid.
+    """
     vs = geom.voxel_size
-    shp = geom.canvas
+    h = [int(np.ceil(R / v)) + 2 + k for v, k in zip(vs, geom.kernel_half)]  # template reach
+    pad = [int(r) + hh for r, hh in zip(reach, h)]  # no wrap-around into the stack
+    shp = tuple(scipy.fft.next_fast_len(s + 2 * p, real=True) for s, p in zip(geom.shape, pad))
     ax = []
     for n, v in zip(shp, vs):
         i = np.arange(n)
@@ -283,15 +289,22 @@ def _gain_map(resid_w, w, params: Params, geom, R, sign):
     ball = voxel_ball(jnp.asarray(ax[0])[:, None, None], jnp.asarray(ax[1])[None, :, None],
                       jnp.asarray(ax[2])[None, None, :], float(R), vs)
     kernel = params.psf.kernel(vs, geom.kernel_half)
-    tf = jnp.fft.rfftn(ball) * jnp.fft.rfftn(_kernel_on_canvas(kernel, geom))
+    kfull = jnp.roll(jnp.pad(kernel, [(0, n - (2 * k + 1)) for n, k in zip(shp, geom.kernel_half)]),
+                     shift=tuple(-k for k in geom.kernel_half), axis=(0, 1, 2))
+    tf = jnp.fft.rfftn(ball) * jnp.fft.rfftn(kfull)
     t2f = jnp.fft.rfftn(jnp.fft.irfftn(tf, s=shp) ** 2)
-    num = jnp.fft.irfftn(jnp.fft.rfftn(to_canvas(resid_w, geom)) * jnp.conj(tf), s=shp)
-    den = jnp.fft.irfftn(jnp.fft.rfftn(to_canvas(w, geom)) * jnp.conj(t2f), s=shp)
-    m = geom.margin
-    sl = tuple(slice(mk, mk + s) for mk, s in zip(m, geom.shape))
-    num, den = np.asarray(num)[sl], np.maximum(np.asarray(den)[sl], 1e-12)
-    amp = num / den
-    gain = np.where(np.sign(amp) == sign, num * num / den, 0.0)
+
+    def place(f):
+        return jnp.pad(jnp.asarray(f), [(p, n - s - p) for p, n, s in zip(pad, shp, geom.shape)])
+
+    num = jnp.fft.irfftn(jnp.fft.rfftn(place(resid_w)) * jnp.conj(tf), s=shp)
+    den = jnp.fft.irfftn(jnp.fft.rfftn(place(w)) * jnp.conj(t2f), s=shp)
+    sl = tuple(slice(p - int(r), p + s + int(r)) for p, s, r in zip(pad, geom.shape, reach))
+    num, den = np.asarray(num)[sl], np.asarray(den)[sl]
+    ok = den > 1e-6 * den.max()
+    den = np.where(ok, den, 1.0)
+    amp = np.where(ok, num / den, 0.0)
+    gain = np.where(ok & (np.sign(amp) == sign), num * num / den, 0.0)
     return gain, amp
 
 
@@ -352,7 +365,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
 
     rhi = min((h - 1.5) * v for h, v in zip(geom.patch_half, geom.voxel_size))
     rlo = 0.5 * R0
-    out = [min(m, R0 / v) for m, v in zip(geom.margin, vs_eff)]
+    out = list(geom.margin)  # centres may lie as far outside as the canvas reaches
     plo = tuple(-0.5 - o for o in out)
     phi = tuple(s - 0.5 + o for s, o in zip(image.shape, out))
     static = (geom, (rlo, rhi), (plo, phi), overlap)
@@ -460,18 +473,22 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         m, w = weights(params)
         r = np.asarray(data_n) - m
         Rm = float(np.median(np.asarray(params.particles.radius)[mask > 0]))
-        gmap, amap = _gain_map(jnp.asarray(w * r), jnp.asarray(w), params, geom, Rm, sign)
+        reach = [int(o) for o in out]
+        gmap, amap = _gain_map(jnp.asarray(w * r), jnp.asarray(w), params, geom, Rm, sign, reach)
         foot = _ellipsoid(0.9 * Rm / np.asarray(vs_eff))
         peaks = (gmap == ndimage.maximum_filter(gmap, footprint=foot, mode="constant")) & (gmap > penalty)
         cand = np.argwhere(peaks).astype(np.float64)
+        amp_c = amap[tuple(cand.astype(int).T)]
+        cand = cand - np.asarray(reach)  # extended grid -> stack voxels
         if len(cand) == 0:
             return params, 0
         tree = cKDTree(np.asarray(params.particles.pos)[mask > 0] * np.asarray(vs_eff))
         d, _ = tree.query(cand * np.asarray(vs_eff))
-        cand = cand[d > overlap * 2.0 * Rm]  # closer would be removed as an overlap
+        far = d > overlap * 2.0 * Rm  # closer would be removed as an overlap
+        cand, amp_c = cand[far], amp_c[far]
         Lf = np.asarray(illumination_field(params.background, geom))[
             tuple(slice(mk, mk + s) for mk, s in zip(geom.margin, geom.shape))]
-        amp0 = amap[tuple(cand.astype(int).T)] / np.maximum(_at_voxels(Lf, cand), 1e-3)
+        amp0 = amp_c / np.maximum(_at_voxels(Lf, cand), 1e-3)
         ok = np.abs(amp0) >= min_amplitude * med_a  # as bright as a particle can be
         cand, amp0 = cand[ok], amp0[ok]
         if len(cand) == 0:
@@ -503,8 +520,16 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         return _clamp(shape_p, jnp.asarray(mask), static), hist
 
     for rnd in range(max_rounds):
+        # add first: a particle missing from the start leaves a hole its neighbours would
+        # otherwise slide into during the position fit
+        med_a = float(np.median(np.abs(np.asarray(params.particles.amplitude)[mask > 0])))
+        params, added = add_step(params, med_a)
         m, w = weights(params)
         params, hist = joint_fit(params, w)
+        history += hist
+        # the shape learned from rough starts is blurred by their errors: relearn it on the
+        # refined centres (held) every round, alternating with the position fit
+        params, hist = shape_fit(params)
         history += hist
         stats["rounds"] = rnd + 1
         if bar is not None:
@@ -512,12 +537,11 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         if measure_noise:  # re-measure the noise on the better model
             noise_n = estimate_noise(np.asarray(data_n), np.asarray(render(params, geom)))
         params, n_removed, med_a, counts = remove_step(params)
+        if verbose:
+            print(f"round {rnd + 1}: active {int(mask.sum())}, added {added}, removed {n_removed} "
+                  f"{counts}, steps {len(hist)}")
         if not mask.any():  # nothing in the stack pays for itself: no particle at all
             break
-        params, added = add_step(params, med_a)
-        if verbose:
-            print(f"round {rnd + 1}: active {int(mask.sum())}, removed {n_removed} {counts}, "
-                  f"added {added}, steps {len(hist)}")
         if added == 0 and n_removed == 0:
             break
     if bar is not None:

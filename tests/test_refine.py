@@ -10,7 +10,7 @@ import pytest
 from difftrack import simulate
 from difftrack.refine import (_fisher_tables, _gain_map, _interp_tables, _removal_gain,
                               estimate_noise, refine_positions)
-from difftrack.render import Background, Params, Particles, render
+from difftrack.render import Params, Particles, render
 
 
 def test_estimate_noise_recovers_a_poisson_like_model():
@@ -58,14 +58,14 @@ def test_gain_map_finds_a_missing_particle_and_nothing_in_noise(sim):
     q = Params(Particles(p.particles.pos, p.particles.radius, p.particles.amplitude.at[i].set(0.0)),
                p.psf, p.background)
     r = data - np.asarray(render(q, g))
-    gmap, amp = _gain_map(jnp.asarray(w * r), jnp.asarray(w), q, g, 0.4, 1.0)
+    gmap, amp = _gain_map(jnp.asarray(w * r), jnp.asarray(w), q, g, 0.4, 1.0, (0, 0, 0))
     peak = np.unravel_index(np.argmax(gmap), gmap.shape)
     assert gmap.max() > 10 * penalty
     assert np.all(np.abs(np.asarray(peak) - pos[i]) <= 1.0)
     # pure noise (the particles' light removed): nothing pays the penalty
     rng = np.random.default_rng(1)
     noise = rng.standard_normal(data.shape).astype(np.float32) * np.sqrt(sim.noise_variance)
-    gmap, _ = _gain_map(jnp.asarray(w * noise), jnp.asarray(w), q, g, 0.4, 1.0)
+    gmap, _ = _gain_map(jnp.asarray(w * noise), jnp.asarray(w), q, g, 0.4, 1.0, (0, 0, 0))
     assert gmap.max() < penalty
 
 

@@ -167,10 +167,10 @@ def _pairs(pos, mask, reach, capacity):
 # per-particle quantities (numpy side, between fits)
 
 
-def _unit_light(R, psf, geom: Geometry, offset=(0.0, 0.0, 0.0)):
+def _unit_light(R, psf, geom: Geometry, offset=(0.0, 0.0, 0.0), jacobian=True):
     """Light of one unit-amplitude particle of radius R (PSF-blurred partial-volume sphere)
     on a small grid around it, and its derivatives in (z, y, x) voxels and R: (5, ...)
-    columns dz, dy, dx, da (the light itself), dR."""
+    columns dz, dy, dx, da (the light itself), dR. With ``jacobian=False`` only the light."""
     h = tuple(p + k for p, k in zip(geom.patch_half, geom.kernel_half))
     vs = geom.voxel_size
     kernel = psf.kernel(vs, geom.kernel_half)
@@ -186,8 +186,10 @@ def _unit_light(R, psf, geom: Geometry, offset=(0.0, 0.0, 0.0)):
         return jnp.fft.irfftn(jnp.fft.rfftn(jnp.fft.ifftshift(ball)) * kf, s=ball.shape)
 
     theta = jnp.asarray([*offset, R], jnp.float32)
-    J = jax.jacfwd(light)(theta)  # (..., 4)
     L = light(theta)
+    if not jacobian:
+        return L
+    J = jax.jacfwd(light)(theta)  # (..., 4)
     J = jnp.moveaxis(J, -1, 0)
     return jnp.stack([J[0], J[1], J[2], L, J[3]])
 
@@ -201,6 +203,13 @@ def _fisher_tables(radii_grid, psf, geom):
         Gs.append(cols @ cols.T)
         Es.append(float(np.sum(cols[3] ** 2)))
     return np.asarray(Gs), np.asarray(Es)
+
+
+def _energy_table(radii_grid, psf, geom):
+    """Light energies E(R) = sum of the squared light of a unit particle."""
+    return np.asarray([float(np.sum(np.asarray(_unit_light(float(R), psf, geom, (0.1, 0.2, 0.3),
+                                                            jacobian=False), np.float64) ** 2))
+                       for R in radii_grid])
 
 
 def _interp_tables(R, radii_grid, Gs, Es):
@@ -426,7 +435,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         R = np.asarray(params.particles.radius)
         reach = 2.2 * float(np.max(R[act]))
         radii_grid = np.unique(np.clip(np.quantile(R[act], [0.0, 0.5, 1.0]), rlo, rhi))
-        _, Es = _fisher_tables(radii_grid, params.psf, geom)
+        Es = _energy_table(radii_grid, params.psf, geom)
         _, E = _interp_tables(R, radii_grid, np.zeros((len(radii_grid), 5, 5)), Es)
         gain = _removal_gain(params, jnp.asarray(w * r), w, geom, E, exact_below=20 * penalty)
         a = np.asarray(params.particles.amplitude)

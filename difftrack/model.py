@@ -21,7 +21,7 @@ from scipy.spatial import cKDTree
 
 from ._checks import check_positions, check_stack, check_voxel_size
 from .optimize import minimize
-from .render import Background, Geometry, Params, Particles, render
+from .render import Background, Geometry, Params, Particles, render, validate
 from .shape import PSF, default_psf_sigmas
 
 
@@ -257,6 +257,7 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
     border = np.broadcast_to(np.asarray(border, int), (3,))
     weight = border_weight(image.shape, border)
     p0 = initial_params(data_n, pos_j, geom, radius=radius, sign=sign, psf=psf, weight=weight)
+    validate(p0, geom)
     cb = None
     if progress:
         from tqdm.auto import tqdm

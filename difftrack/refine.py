@@ -338,7 +338,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     radius : particle radius (unit of voxel_size); None estimates it from the positions.
     invert : "auto", True (dark particles) or False.
     max_rounds : rounds of fit / remove / add.
-    steps : L-BFGS steps per joint fit; shape_steps: for the first shape fit.
+    steps : L-BFGS steps per joint fit; shape_steps: per shape fit (the first one and
+        those of every round and polish pass).
     penalty : chi^2 a particle must explain to be kept or added; default 5 ln(n_voxels).
     overlap : centres closer than overlap * (R_i + R_j) are an overlap (hard spheres touch
         at 1); the weaker of such a pair is removed, and the fit is penalised below it.
@@ -375,7 +376,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     penalty = 5.0 * math.log(image.size) if penalty is None else float(penalty)
 
     rhi = min((h - 1.5) * v for h, v in zip(geom.patch_half, geom.voxel_size))
-    rlo = 0.5 * R0
+    rlo = 0.3 * R0  # as model._radius_bounds, so the shape and joint fits agree
     out = list(geom.margin)  # centres may lie as far outside as the canvas reaches
     plo = tuple(-0.5 - o for o in out)
     phi = tuple(s - 0.5 + o for s, o in zip(image.shape, out))
@@ -483,7 +484,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         nonlocal mask
         m, w = weights(params)
         r = np.asarray(data_n) - m
-        Rm = float(np.median(np.asarray(params.particles.radius)[mask > 0]))
+        act = mask > 0
+        Rm = float(np.median(np.asarray(params.particles.radius)[act])) if act.any() else R0
+        if not act.any():
+            med_a = float(np.median(np.abs(a0)))
         reach = [int(o) for o in out]
         gmap, amap = _gain_map(jnp.asarray(w * r), jnp.asarray(w), params, geom, Rm, sign, reach)
         foot = _ellipsoid(0.9 * Rm / np.asarray(vs_eff))
@@ -493,8 +497,11 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         cand = cand - np.asarray(reach)  # extended grid -> stack voxels
         if len(cand) == 0:
             return params, 0
-        tree = cKDTree(np.asarray(params.particles.pos)[mask > 0] * np.asarray(vs_eff))
-        d, _ = tree.query(cand * np.asarray(vs_eff))
+        if act.any():
+            tree = cKDTree(np.asarray(params.particles.pos)[act] * np.asarray(vs_eff))
+            d, _ = tree.query(cand * np.asarray(vs_eff))
+        else:
+            d = np.full(len(cand), np.inf)
         far = d > overlap * 2.0 * Rm  # closer would be removed as an overlap
         cand, amp_c = cand[far], amp_c[far]
         Lf = np.asarray(illumination_field(params.background, geom))[
@@ -539,7 +546,9 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     for rnd in range(max_rounds):
         # add first: a particle missing from the start leaves a hole its neighbours would
         # otherwise slide into during the position fit
-        med_a = float(np.median(np.abs(np.asarray(params.particles.amplitude)[mask > 0])))
+        act = mask > 0
+        med_a = float(np.median(np.abs(np.asarray(params.particles.amplitude)[act]))) if act.any() \
+            else float(np.median(np.abs(a0)))
         params, added = add_step(params, med_a)
         m, w = weights(params)
         params, hist = joint_fit(params, w)
@@ -595,7 +604,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     G, _ = _interp_tables(R, radii_grid, Gs, np.zeros(len(radii_grid)))
     Lf = np.asarray(illumination_field(params.background, geom))[
         tuple(slice(mk, mk + s) for mk, s in zip(geom.margin, geom.shape))]
-    wc = _local_mean(w, pos, R / np.asarray(vs_eff).min())
+    wc = _local_mean(w, pos, np.median(R) / np.asarray(vs_eff))
     scale_i = wc * _at_voxels(Lf, pos) ** 2
     D = np.stack([a, a, a, np.ones_like(a), a], axis=1)
     F = G * (D[:, :, None] * D[:, None, :]) * scale_i[:, None, None]
@@ -607,8 +616,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     q = _quality(final, (r * r * w), geom)
 
     img_params = to_image_units(final, centre, scale)
-    model = Model(params=img_params, geometry=geom, voxel_size=vs, loss=float(history[-1]) * scale**2,
-                  history=tuple(h * scale**2 for h in history), weight=None)
+    # loss: mean squared residual of the returned model, image units; history: the
+    # objectives of the successive fits (weighted chi^2 per voxel and shape-fit losses)
+    model = Model(params=img_params, geometry=geom, voxel_size=vs,
+                  loss=float(np.mean(r * r)) * scale**2, history=tuple(history), weight=None)
     amp_img = np.asarray(img_params.particles.amplitude, np.float64)
     df = pd.DataFrame({"z": pos[:, 0], "y": pos[:, 1], "x": pos[:, 2],
                        "sigma_z": sig[:, 0], "sigma_y": sig[:, 1], "sigma_x": sig[:, 2],
@@ -625,9 +636,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
 
 
 def _local_mean(field, pos, rad_vox):
-    """Mean of a stack field in a small cube (half-width ~ half the radius) at each centre."""
-    h = max(int(round(0.5 * float(np.median(rad_vox)))), 0)
-    f = ndimage.uniform_filter(np.asarray(field, np.float64), size=2 * h + 1, mode="nearest")
+    """Mean of a stack field in a small box (half-width ~ half the radius per axis, in
+    voxels of each axis) at each centre."""
+    size = [2 * max(int(round(0.5 * float(r))), 0) + 1 for r in np.broadcast_to(rad_vox, (3,))]
+    f = ndimage.uniform_filter(np.asarray(field, np.float64), size=size, mode="nearest")
     return _at_voxels(f, pos)
 
 

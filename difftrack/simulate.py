@@ -21,7 +21,7 @@ import pandas as pd
 
 from ._checks import check_voxel_size
 from .packing import pack_spheres
-from .render import Background, Geometry, Params, Particles, render
+from .render import Background, Geometry, Params, Particles, render, validate
 from .shape import PSF
 
 
@@ -30,9 +30,10 @@ class SimulatedStack:
     """A synthetic stack and its truth.
 
     image: (z, y, x) camera counts (uint16).
-    truth: DataFrame with z, y, x (voxels), radius (physical), amplitude (photons at the
-        particle's centre before attenuation); every rendered particle, including those
-        whose centre lies outside the stack (score an interior region).
+    truth: DataFrame with z, y, x (voxels), radius (physical), amplitude (photons of a
+        voxel wholly inside the particle, before the PSF and the illumination field);
+        every rendered particle, including those whose centre lies outside the stack
+        (score an interior region).
     voxel_size: (z, y, x) physical size.
     expected: the noiseless expected image in camera units (offset included), float32.
     noise_variance: per-voxel variance of the noise in camera units (Poisson + read +
@@ -152,7 +153,8 @@ def simulate(
 
     bg = Background.constant(level, geom)
     illum = np.zeros(bg.illum.shape, np.float32)
-    illum[1, 0, 0] = -attenuation / 2  # linear in depth: 1 + a/2 at the top, 1 - a/2 below
+    # linear in depth, bottom / top = 1 - attenuation: L = 1 + c at the top, 1 - c below
+    illum[1, 0, 0] = -attenuation / (2.0 - attenuation)
     illum[0, 1, 0] = illumination_tilt / 2
     illum[0, 0, 1] = -illumination_tilt / 2
     bg = Background(bg.offset, jnp.asarray(illum))
@@ -160,6 +162,7 @@ def simulate(
         Particles(jnp.asarray(pos, jnp.float32), jnp.asarray(radii, jnp.float32),
                   jnp.asarray(amp, jnp.float32)),
         psf, bg)
+    validate(params, geom)
     lam = np.asarray(render(params, geom), np.float64)
     lam = np.clip(lam, 0.0, None)  # photon counts (a dark particle can't go below zero)
     counts = rng.poisson(lam) + read_noise * rng.standard_normal(lam.shape) + offset

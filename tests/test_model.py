@@ -41,10 +41,14 @@ def test_learns_radii_and_psf(sim, fitted):
     model, _, _, inside = fitted
     r = model.particles["radius"].to_numpy()
     assert np.median(r) == pytest.approx(np.median(sim.truth["radius"][inside]), rel=0.05)
-    sz, sxy = (float(v) for v in model.psf.moments())
-    tz, txy = (float(v) for v in sim.params.psf.moments())
-    assert sz == pytest.approx(tz, rel=0.25)
-    assert sxy == pytest.approx(txy, rel=0.25)
+    # compare the PSFs as kernels on the same grid: second moments are dominated by faint
+    # tails (a 0.1%-level wide component moves them by 25%) and say little about the shape
+    g = model.geometry
+    kf = np.asarray(model.psf.kernel(g.voxel_size, g.kernel_half))
+    kt = np.asarray(sim.params.psf.kernel(g.voxel_size, g.kernel_half))
+    assert np.abs(kf - kt).sum() < 0.15  # measured 0.096 (0 = identical, 2 = disjoint)
+    for axes in [(1, 2), (0, 2)]:  # axial and lateral profiles: peak height within 5%
+        assert kf.sum(axis=axes).max() == pytest.approx(kt.sum(axis=axes).max(), rel=0.05)
     assert model.history[-1] < model.history[0]
 
 

@@ -44,8 +44,8 @@ from .detect import _ellipsoid
 from .model import (Model, _normalise, fit_parameters, fit_shape, to_image_units,
                     to_normalised_units)
 from .optimize import minimize
-from .render import (Geometry, Params, Particles, correlate, gather_patches,
-                     illumination_field, patch_values, render, render_parts, to_canvas)
+from .render import (Geometry, Params, Particles, correlate, gather_patches, illumination_field,
+                     kernel_on_grid, patch_values, render, render_parts, stack_region, to_canvas)
 from .shape import voxel_ball
 
 
@@ -174,9 +174,7 @@ def _unit_light(R, psf, geom: Geometry, offset=(0.0, 0.0, 0.0), jacobian=True):
     h = tuple(p + k for p, k in zip(geom.patch_half, geom.kernel_half))
     vs = geom.voxel_size
     kernel = psf.kernel(vs, geom.kernel_half)
-    kpad = [(hh - k, hh - k) for hh, k in zip(h, geom.kernel_half)]
-    kfull = jnp.fft.ifftshift(jnp.pad(kernel, kpad))
-    kf = jnp.fft.rfftn(kfull)
+    kf = jnp.fft.rfftn(kernel_on_grid(kernel, geom.kernel_half, tuple(2 * hh + 1 for hh in h)))
     ax = [jnp.arange(-hh, hh + 1, dtype=jnp.float32) for hh in h]
 
     def light(theta):
@@ -241,7 +239,7 @@ def _removal_gain(params: Params, resid_w, w, geom, E, exact_below=0.0):
     cross = jnp.sum(vals * gather_patches(G * L, corner, geom), axis=(1, 2, 3))
     a = np.asarray(params.particles.amplitude, np.float64)
     pos = np.asarray(params.particles.pos)
-    Lc = _at_voxels(np.asarray(L)[tuple(slice(m, m + s) for m, s in zip(geom.margin, geom.shape))], pos)
+    Lc = _at_voxels(np.asarray(stack_region(L, geom)), pos)
     wc = _at_voxels(w, pos)
     energy = a * a * wc * Lc * Lc * E
     gain = energy + 2.0 * a * np.asarray(cross, np.float64)
@@ -298,9 +296,7 @@ def _gain_map(resid_w, w, params: Params, geom, R, sign, reach):
     ball = voxel_ball(jnp.asarray(ax[0])[:, None, None], jnp.asarray(ax[1])[None, :, None],
                       jnp.asarray(ax[2])[None, None, :], float(R), vs)
     kernel = params.psf.kernel(vs, geom.kernel_half)
-    kfull = jnp.roll(jnp.pad(kernel, [(0, n - (2 * k + 1)) for n, k in zip(shp, geom.kernel_half)]),
-                     shift=tuple(-k for k in geom.kernel_half), axis=(0, 1, 2))
-    tf = jnp.fft.rfftn(ball) * jnp.fft.rfftn(kfull)
+    tf = jnp.fft.rfftn(ball) * jnp.fft.rfftn(kernel_on_grid(kernel, geom.kernel_half, shp))
     t2f = jnp.fft.rfftn(jnp.fft.irfftn(tf, s=shp) ** 2)
 
     def place(f):
@@ -504,8 +500,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             d = np.full(len(cand), np.inf)
         far = d > overlap * 2.0 * Rm  # closer would be removed as an overlap
         cand, amp_c = cand[far], amp_c[far]
-        Lf = np.asarray(illumination_field(params.background, geom))[
-            tuple(slice(mk, mk + s) for mk, s in zip(geom.margin, geom.shape))]
+        Lf = np.asarray(stack_region(illumination_field(params.background, geom), geom))
         amp0 = amp_c / np.maximum(_at_voxels(Lf, cand), 1e-3)
         ok = np.abs(amp0) >= min_amplitude * med_a  # as bright as a particle can be
         cand, amp0 = cand[ok], amp0[ok]
@@ -602,8 +597,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     radii_grid = np.unique(np.quantile(R, [0.0, 0.5, 1.0]))
     Gs, _ = _fisher_tables(radii_grid, params.psf, geom)
     G, _ = _interp_tables(R, radii_grid, Gs, np.zeros(len(radii_grid)))
-    Lf = np.asarray(illumination_field(params.background, geom))[
-        tuple(slice(mk, mk + s) for mk, s in zip(geom.margin, geom.shape))]
+    Lf = np.asarray(stack_region(illumination_field(params.background, geom), geom))
     wc = _local_mean(w, pos, np.median(R) / np.asarray(vs_eff))
     scale_i = wc * _at_voxels(Lf, pos) ** 2
     D = np.stack([a, a, a, np.ones_like(a), a], axis=1)

@@ -236,25 +236,30 @@ def to_canvas(field, geom: Geometry):
     return jnp.pad(field, [(mk, c - s - mk) for mk, c, s in zip(m, geom.canvas, geom.shape)])
 
 
-def _kernel_on_canvas(kernel, geom: Geometry):
-    pad = [(0, c - (2 * h + 1)) for c, h in zip(geom.canvas, geom.kernel_half)]
-    full = jnp.pad(kernel, pad)
-    return jnp.roll(full, shift=tuple(-h for h in geom.kernel_half), axis=(0, 1, 2))
+def kernel_on_grid(kernel, half, shape):
+    """A centred kernel (half-widths ``half``) placed on a periodic grid of ``shape`` with
+    its centre at index 0, ready for FFT convolution."""
+    full = jnp.pad(kernel, [(0, n - (2 * h + 1)) for n, h in zip(shape, half)])
+    return jnp.roll(full, shift=tuple(-h for h in half), axis=(0, 1, 2))
+
+
+def stack_region(field, geom: Geometry):
+    """The stack's part (shape geom.shape) of a canvas-shaped field."""
+    return field[tuple(slice(m, m + s) for m, s in zip(geom.margin, geom.shape))]
 
 
 def convolve(field, kernel, geom: Geometry):
     """Linear convolution of a canvas field with a centred kernel; returns the stack
     region (shape geom.shape)."""
-    kfull = _kernel_on_canvas(kernel, geom)
+    kfull = kernel_on_grid(kernel, geom.kernel_half, geom.canvas)
     out = jnp.fft.irfftn(jnp.fft.rfftn(field) * jnp.fft.rfftn(kfull), s=geom.canvas)
-    m = geom.margin
-    return out[m[0]:m[0] + geom.shape[0], m[1]:m[1] + geom.shape[1], m[2]:m[2] + geom.shape[2]]
+    return stack_region(out, geom)
 
 
 def correlate(field, kernel, geom: Geometry):
     """The adjoint of ``convolve``: a stack-shaped field correlated with the kernel, on the
     whole canvas (shape geom.canvas)."""
-    kfull = _kernel_on_canvas(kernel, geom)
+    kfull = kernel_on_grid(kernel, geom.kernel_half, geom.canvas)
     f = jnp.fft.rfftn(to_canvas(field, geom))
     return jnp.fft.irfftn(f * jnp.conj(jnp.fft.rfftn(kfull)), s=geom.canvas)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
@@ -133,8 +134,10 @@ def _radius_bounds(geom: Geometry, radius):
 
 def _loss(free, pos, data, weight, amplitude_mask, *, static):
     """Weighted mean squared residual of the normalised image, plus weak priors."""
-    geom, (lo, hi) = static
+    geom, (lo, hi), hold_psf = static
     radius, amplitude, psf, background = free
+    if hold_psf:  # zero gradient: L-BFGS leaves the PSF exactly where it is
+        psf = jax.lax.stop_gradient(psf)
     params = Params(Particles(pos, jnp.clip(radius, lo, hi), amplitude * amplitude_mask), psf,
                     background)
     r = data - render(params, geom)
@@ -163,12 +166,13 @@ def border_weight(shape, border):
 
 
 def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, weight=None, steps=200,
-                   tol=1e-7, progress=None, amplitude_mask=None):
+                   tol=1e-7, progress=None, amplitude_mask=None, hold_psf=False):
     """L-BFGS on radii, amplitudes, PSF and background with positions held.
 
     ``data_n``: the normalised image (float32 jax array); ``weight``: per-voxel weight of
     the residual (default 1); ``amplitude_mask``: 1 for particles that exist, 0 for empty
-    slots of a fixed-capacity buffer (default all 1); returns (params, history).
+    slots of a fixed-capacity buffer (default all 1); ``hold_psf``: keep the PSF as given
+    (fit only radii, amplitudes and background); returns (params, history).
     """
     weight = jnp.ones(geom.shape, jnp.float32) if weight is None else jnp.asarray(weight)
     n = params.particles.amplitude.shape[0]
@@ -176,7 +180,7 @@ def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, weight=Non
     bounds = _radius_bounds(geom, radius)
     free = (params.particles.radius, params.particles.amplitude, params.psf, params.background)
     pos = params.particles.pos
-    free, history = minimize(_loss, free, (pos, data_n, weight, amask), static=(geom, bounds),
+    free, history = minimize(_loss, free, (pos, data_n, weight, amask), static=(geom, bounds, bool(hold_psf)),
                              steps=steps, tol=tol, progress=progress, what="shape fit")
     radius_, amplitude, psf, background = free
     params = Params(Particles(pos, jnp.clip(radius_, *bounds), amplitude * amask), psf, background)
@@ -202,7 +206,7 @@ def initial_params(data_n, pos, geom: Geometry, *, radius, sign, psf: PSF, weigh
 
 
 def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", steps=300,
-              n_components=3, elongation=2.5, border="auto", progress=False) -> Model:
+              n_components=3, elongation=2.5, border="auto", progress=False, psf=None) -> Model:
     """Learn the particle shape S, radii, amplitudes and background with positions held.
 
     Parameters
@@ -221,6 +225,8 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
     border : voxels (z, y, x) next to each face left out of the fit, where light from
         particles outside the stack (absent from ``positions``) may fall; "auto" is the
         radius plus two starting PSF widths; 0 fits every voxel.
+    psf : a ``shape.PSF`` learned before (e.g. ``model.psf`` of an earlier frame of the
+        same microscope) to hold fixed; None learns it (``n_components``, ``elongation``).
 
     Returns
     -------
@@ -244,9 +250,16 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
     centre, scale = _normalise(image)
     data_n = jnp.asarray((image.astype(np.float32) - np.float32(centre)) / np.float32(scale))
 
-    sxy, sz = default_psf_sigmas(vs_eff, elongation)
-    sxy = max(sxy, 0.2 * radius)
-    psf = PSF.init(sxy, elongation * sxy, n_components)
+    hold_psf = psf is not None
+    if hold_psf:
+        if not isinstance(psf, PSF):
+            raise TypeError(f"psf must be a difftrack.shape.PSF (e.g. model.psf); got {type(psf).__name__}")
+        sxy = float(np.max(np.exp(np.asarray(psf.log_sigma_xy))))
+        elongation = float(np.max(np.exp(np.asarray(psf.log_sigma_z)))) / sxy
+    else:
+        sxy, sz = default_psf_sigmas(vs_eff, elongation)
+        sxy = max(sxy, 0.2 * radius)
+        psf = PSF.init(sxy, elongation * sxy, n_components)
     geom = make_geometry(image.shape, vs_eff, radius, psf)
     pos_j = jnp.asarray(pos, jnp.float32)
     if isinstance(border, str):
@@ -265,7 +278,7 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
         bar = tqdm(total=steps, desc="fit_shape", leave=False)
         cb = lambda i, v: (bar.update(1), bar.set_postfix(loss=f"{v:.4g}"))  # noqa: E731
     params, history = fit_parameters(p0, data_n, geom, radius=radius, weight=weight, steps=steps,
-                                     progress=cb)
+                                     progress=cb, hold_psf=hold_psf)
     if progress:
         bar.close()
     params = to_image_units(params, centre, scale)

@@ -322,7 +322,7 @@ def _gain_map(resid_w, w, params: Params, geom, R, sign, reach):
 def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="auto",
                      max_rounds=6, steps=150, shape_steps=150, penalty=None, overlap=0.7,
                      noise=None, polish=2, min_amplitude=0.4, progress=False,
-                     verbose=False) -> RefineResult:
+                     verbose=False, psf=None) -> RefineResult:
     """Refine rough centres to the best positions the light allows, add the missed
     particles, remove the spurious ones, and give per-particle uncertainties.
 
@@ -343,6 +343,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     polish : passes of (learn the shape with the centres held, refit the centres) at the end.
     min_amplitude : a particle fainter than this fraction of the median particle is
         implausible (removed, never added).
+    psf : a ``shape.PSF`` learned before (``result.model.psf``, e.g. from an earlier frame)
+        to hold fixed instead of learning it; None learns it.
 
     Returns
     -------
@@ -356,7 +358,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         raise ValueError("positions is empty: refine needs at least one starting particle "
                          "(run a detector first)")
     shape_model = fit_shape(image, pos0, voxel_size=vs, radius=radius, invert=invert,
-                            steps=shape_steps)
+                            steps=shape_steps, psf=psf)
+    hold_psf = psf is not None
     geom = shape_model.geometry
     vs_eff = geom.voxel_size
     centre, scale = _normalise(image)
@@ -529,7 +532,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     def shape_fit(params):
         m, w = weights(params)
         shape_p, hist = fit_parameters(params, data_n, geom, radius=R0, weight=jnp.asarray(w),
-                                       steps=shape_steps, amplitude_mask=jnp.asarray(mask))
+                                       steps=shape_steps, amplitude_mask=jnp.asarray(mask),
+                                       hold_psf=hold_psf)
         return _clamp(shape_p, jnp.asarray(mask), static), hist
 
     # fit_shape left the faces out; fit the background and shape to every voxel (centres

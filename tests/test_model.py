@@ -114,3 +114,15 @@ def test_dev_stacks_residual_at_the_noise(name):
         var = np.clip(model - 100.0, 0, None) + meta["read_noise"] ** 2 + 1 / 12
     z = (st.image - model) / np.sqrt(var)
     assert z[m.weight > 0].std() <= 1.05
+
+
+def test_a_given_psf_is_held_and_the_rest_is_fitted(sim, fitted):
+    model, image, _, inside = fitted
+    pos = sim.truth[["z", "y", "x"]].to_numpy()[inside]
+    again = fit_shape(image, pos, voxel_size=sim.voxel_size, radius=0.4, steps=40, psf=model.psf)
+    for a, b in zip(np.asarray(again.psf.log_sigma_z), np.asarray(model.psf.log_sigma_z)):
+        assert a == b  # exactly the PSF handed in
+    np.testing.assert_array_equal(np.asarray(again.psf.z_offset), np.asarray(model.psf.z_offset))
+    assert again.loss == pytest.approx(model.loss, rel=0.1)  # amplitudes, radii, background fit (measured +5%)
+    with pytest.raises(TypeError, match="psf"):
+        fit_shape(image, pos, voxel_size=sim.voxel_size, radius=0.4, steps=5, psf="gaussian")

@@ -55,7 +55,8 @@ def main(names):
         med = np.median(np.abs(f[i] - t[j])[inner], axis=0)
         row = dict(stack=name, recall=s.recall, precision=s.precision,
                    rmse_over_crlb=np.round(s.rmse / c, 2).tolist(),
-                   median_abs_err_vox=np.round(med, 3).tolist(), calibration=np.round(cal, 2).tolist(),
+                   median_abs_err_vox=np.round(med, 3).tolist(),
+                   mean_error_vox=np.round((f[i] - t[j])[inner].mean(axis=0), 3).tolist(), calibration=np.round(cal, 2).tolist(),
                    added=res.stats["added"], removed=res.stats["removed"], seconds=round(dt, 1),
                    particles_per_second=round(len(f) / dt, 1))
         rows.append(row)

@@ -1,0 +1,81 @@
+"""refine_positions on difftrack's own simulator: the table of issue 4.
+
+    python benchmarks/refine_sim.py [--quick]
+
+Grid: volume fraction 0.3 / 0.5 / 0.58, radius 2.5 / 4 / 7 px (lateral), z elongation of
+the PSF 1 / 2 / 3, isotropic voxels. Start: the truth jittered by
+U(-0.5, 0.5) voxel, 10% deleted, 2% spurious (as benchmarks/refine_dev.py). The Cramer-Rao
+bound is computed here from the true model (own block of each particle, neighbours
+ignored, as crlb.json does for the dev stacks). ``--quick`` runs the three corners only.
+"""
+
+import argparse
+import itertools
+import time
+
+import numpy as np
+
+from difftrack import match, score, simulate
+from difftrack.refine import _fisher_tables, _interp_tables, refine_positions
+
+from refine_dev import degraded_start  # noqa: E402  (same start protocol)
+
+
+def crlb(sim):
+    p, g = sim.params, sim.geometry
+    R = np.asarray(p.particles.radius)
+    a = np.asarray(p.particles.amplitude)
+    grid = np.unique(np.quantile(R, [0.0, 0.5, 1.0]))
+    Gs, _ = _fisher_tables(grid, p.psf, g)
+    G, _ = _interp_tables(R, grid, Gs, np.zeros(len(grid)))
+    pos = np.asarray(p.particles.pos)
+    idx = np.clip(np.rint(pos).astype(int), 0, np.asarray(sim.image.shape) - 1)
+    w = 1.0 / sim.noise_variance[idx[:, 0], idx[:, 1], idx[:, 2]]
+    D = np.stack([a, a, a, np.ones_like(a), a], axis=1)
+    F = G * (D[:, :, None] * D[:, None, :]) * w[:, None, None]
+    cov = np.linalg.inv(F + np.eye(5) * 1e-9)
+    return np.sqrt(np.median(np.diagonal(cov, axis1=1, axis2=2)[:, :3], axis=0))
+
+
+def run(phi, r_px, elong, shape, seed=0):
+    vs = (0.1, 0.1, 0.1)  # isotropic voxels: the radius is in px on every axis
+    radius = r_px * 0.1
+    sim = simulate(shape, voxel_size=vs, radius=radius, volume_fraction=phi, elongation=elong,
+                   photons=80.0, seed=seed)
+    t = sim.truth[["z", "y", "x"]].to_numpy()
+    inside = np.all((t >= -0.5) & (t <= np.asarray(shape) - 0.5), axis=1)
+    start = degraded_start(sim.truth[inside], shape, np.random.default_rng(seed))
+    t0 = time.perf_counter()
+    res = refine_positions(sim.image, start, voxel_size=vs, radius=radius)
+    dt = time.perf_counter() - t0
+    f = res.particles[["z", "y", "x"]].to_numpy()
+    s = score(f, t[inside], radius=radius, voxel_size=vs, shape=shape)
+    i, j = match(f, t[inside], cutoff=radius, voxel_size=vs)
+    tt = t[inside][j]
+    inner = np.all((tt >= radius / np.asarray(vs) - 0.5) & (tt <= np.asarray(shape) - 0.5 - radius / np.asarray(vs)), axis=1)
+    sig = res.particles[["sigma_z", "sigma_y", "sigma_x"]].to_numpy()[i][inner]
+    cal = ((f[i] - tt)[inner] / sig).std(axis=0)
+    c = crlb(sim)
+    return dict(phi=phi, radius_px=r_px, elongation=elong, n=int(inside.sum()),
+                recall=round(s.recall, 3), precision=round(s.precision, 3),
+                rmse_over_crlb=np.round(s.rmse / c, 2).tolist(),
+                mean_error_vox=np.round((f[i] - tt)[inner].mean(axis=0), 3).tolist(), calibration=np.round(cal, 2).tolist(),
+                seconds=round(dt, 1), particles_per_second=round(len(f) / dt, 1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    grid = list(itertools.product([0.3, 0.5, 0.58], [2.5, 4.0, 7.0], [1.0, 2.0, 3.0]))
+    if args.quick:
+        grid = [(0.3, 2.5, 1.0), (0.5, 4.0, 2.0), (0.58, 7.0, 3.0)]
+    for phi, r, e in grid:
+        # about 100-300 particles per stack: lateral size 7 diameters, depth 3
+        n_xy = int(round(14 * r))
+        shape = (max(16, int(round(6 * r))), n_xy, n_xy)
+        print(run(phi, r, e, shape), flush=True)
+
+
+if __name__ == "__main__":
+    main()

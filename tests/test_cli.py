@@ -1,4 +1,5 @@
-"""Tests for the command line (difftrack.cli): ``demo`` and ``simulate``."""
+"""Tests for the command line (difftrack.cli): ``demo``, ``simulate`` and the help of
+``locate`` (its runs are in tests/test_api.py, the user's path)."""
 
 import subprocess
 import sys
@@ -104,4 +105,37 @@ def test_help_runs_as_a_module():
     res = subprocess.run([sys.executable, "-m", "difftrack.cli", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert "demo" in res.stdout and "simulate" in res.stdout
+    assert "demo" in res.stdout and "simulate" in res.stdout and "locate" in res.stdout
+
+
+@pytest.mark.parametrize("command", ["demo", "simulate", "locate"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: difftrack " + command in capsys.readouterr().out
+
+
+def test_locate_help_names_its_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["locate", "--help"])
+    text = capsys.readouterr().out
+    for opt in ("-o OUTPUT", "--radius", "--voxel-size Z Y X", "--invert", "--detector",
+                "{auto,classical,unet}", "--no-refine", ".parquet"):
+        assert opt in text
+
+
+def test_locate_without_output_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["locate", str(tmp_path / "s.tif")])
+    assert e.value.code == 2
+    assert "-o/--output" in capsys.readouterr().err
+    assert _all_files(tmp_path) == []
+
+
+def test_locate_invert_and_bright_exclude_each_other(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["locate", str(tmp_path / "s.tif"), "-o", str(tmp_path / "o.csv"), "--invert",
+              "--bright"])
+    assert e.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err

@@ -132,9 +132,10 @@ def _radius_bounds(geom: Geometry, radius):
     return 0.3 * radius, hi
 
 
-def _loss(free, pos, data, weight, amplitude_mask, *, static):
+def _loss(free, pos, data, weight, amplitude_mask, bounds, *, static):
     """Weighted mean squared residual of the normalised image, plus weak priors."""
-    geom, (lo, hi), hold_psf = static
+    geom, hold_psf = static
+    lo, hi = bounds[0], bounds[1]  # traced: a new radius does not recompile the step
     radius, amplitude, psf, background = free
     if hold_psf:  # zero gradient: L-BFGS leaves the PSF exactly where it is
         psf = jax.lax.stop_gradient(psf)
@@ -180,7 +181,8 @@ def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, weight=Non
     bounds = _radius_bounds(geom, radius)
     free = (params.particles.radius, params.particles.amplitude, params.psf, params.background)
     pos = params.particles.pos
-    free, history = minimize(_loss, free, (pos, data_n, weight, amask), static=(geom, bounds, bool(hold_psf)),
+    free, history = minimize(_loss, free, (pos, data_n, weight, amask, jnp.asarray(bounds, jnp.float32)),
+                             static=(geom, bool(hold_psf)),
                              steps=steps, tol=tol, progress=progress, what="shape fit")
     radius_, amplitude, psf, background = free
     params = Params(Particles(pos, jnp.clip(radius_, *bounds), amplitude * amask), psf, background)

@@ -492,7 +492,7 @@ def _neural_module():
         return None
 
 
-def track(data, *, detector="auto", threshold=None, separation=None) -> Tracked:
+def track(data, *, detector="auto", threshold=None, separation=None, weights=None) -> Tracked:
     """Detect particle centres.
 
     Parameters
@@ -505,6 +505,8 @@ def track(data, *, detector="auto", threshold=None, separation=None) -> Tracked:
     threshold : detection threshold of the detector (classical: matched-filter value in
         image units, default 5 noise sigmas; unet: likelihood 0-1, default the weights').
     separation : minimum distance between two centres, in radii (detector default).
+    weights : U-Net weights (.npz) to use instead of the shipped ones, e.g. a detector
+        fine-tuned on your microscope's shape by ``difftrack train --from-shape``.
 
     Returns
     -------
@@ -517,6 +519,8 @@ def track(data, *, detector="auto", threshold=None, separation=None) -> Tracked:
     t0 = time.perf_counter()
     rv = data.radius_vox
     neural = None
+    if weights is not None and detector == "classical":
+        raise ValueError("weights= is for the U-Net detector; detector='classical' takes none")
     if detector in ("auto", "unet"):
         neural = _neural_module()
         if neural is None and detector == "unet":
@@ -528,6 +532,8 @@ def track(data, *, detector="auto", threshold=None, separation=None) -> Tracked:
             kw["threshold"] = threshold
         if separation is not None:
             kw["separation"] = separation
+        if weights is not None:
+            kw["weights"] = weights
         df = neural.detect(data.image, rv, invert=data.invert, **kw)
         used = "unet"
         df = df[["z", "y", "x", "score"]].reset_index(drop=True)
@@ -693,7 +699,8 @@ def _with_frames(results):
 
 
 def locate(image, *, voxel_size=None, radius=None, invert="auto", detector="auto",
-           refine=True, progress=False, threshold=None, separation=None, **options):
+           refine=True, progress=False, threshold=None, separation=None, weights=None,
+           **options):
     """``preprocess`` -> ``track`` -> ``refine`` in one call, for a stack or a time series.
 
     Parameters
@@ -702,7 +709,7 @@ def locate(image, *, voxel_size=None, radius=None, invert="auto", detector="auto
         4D time series, read with ``difftrack.io.read_series``).
     voxel_size, radius, invert : as for ``preprocess`` (for a series: the radius and
         polarity are settled on the first frame and used for every frame).
-    detector, threshold, separation : as for ``track``.
+    detector, threshold, separation, weights : as for ``track``.
     refine : False stops after detection (fast; no uncertainties).
     progress : tqdm progress bars (frames of a series, and refinement rounds).
     **options : passed to ``refine`` / ``refine_positions`` (``max_rounds``, ``steps``,
@@ -741,7 +748,8 @@ def locate(image, *, voxel_size=None, radius=None, invert="auto", detector="auto
         results, psf, hold = _run(stacks, series, voxel_size=vs_arg, radius=radius,
                                   invert=invert, track_kw=dict(detector=detector,
                                                                threshold=threshold,
-                                                               separation=separation),
+                                                               separation=separation,
+                                                               weights=weights),
                                   do_refine=do_refine, ropts=ropts, stage=stage)
     finally:
         if bar is not None:

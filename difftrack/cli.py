@@ -128,7 +128,7 @@ def _locate(args):
     try:
         results, psf, hold = api._run(
             stacks, series, voxel_size=vs, radius=args.radius, invert=invert,
-            track_kw=dict(detector=args.detector), do_refine=not args.no_refine,
+            track_kw=dict(detector=args.detector, weights=args.weights), do_refine=not args.no_refine,
             ropts=dict(options, progress=not quiet and sys.stderr.isatty())
             if not args.no_refine else {},
             stage=stage)
@@ -185,6 +185,9 @@ def build_parser():
     loc.add_argument("--detector", choices=("auto", "classical", "unet"), default="auto",
                      help="auto: the U-Net when its weights are installed, else classical "
                      "(default auto)")
+    loc.add_argument("--weights", default=None, metavar="DETECTOR.npz",
+                     help="U-Net weights to use instead of the shipped ones (e.g. from "
+                     "'difftrack train --from-shape')")
     loc.add_argument("--no-refine", action="store_true",
                      help="detection only: fast, no uncertainties (z, y, x, score)")
     loc.add_argument("--max-rounds", type=int, default=None,
@@ -215,7 +218,19 @@ def build_parser():
     s.add_argument("--dark", action="store_true", help="dark particles on a bright fluid")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_simulate)
+
+    t = sub.add_parser("train", help="train the neural detector on simulated stacks, or "
+                       "fine-tune it on the particle shape learned from your stack "
+                       "(--from-shape)")
+    _training().add_arguments(t)
+    t.set_defaults(func=lambda args: _training().run(args))
     return p
+
+
+def _training():
+    from . import training  # imports flax: only when the command needs it
+
+    return training
 
 
 def main(argv=None):

@@ -542,3 +542,19 @@ def test_real_stacks_example_runs_detection_only(tmp_path, capsys):
     assert mod.main(["small_confocal_image.tif", "--no-refine", "--out", str(tmp_path)]) == 0
     assert _files(tmp_path) == ["real_small_confocal_image.png"]
     assert "dark (auto: True)" in capsys.readouterr().out
+
+
+def test_track_takes_detector_weights_and_refuses_them_for_classical():
+    neural = pytest.importorskip("difftrack.neural")
+    if not neural.available():
+        pytest.skip("no shipped detector weights")
+    sim = dt.simulate((16, 32, 32), voxel_size=(0.2, 0.1, 0.1), radius=0.4,
+                      volume_fraction=0.4, seed=3)
+    data = dt.preprocess(sim.image, voxel_size=sim.voxel_size, radius=0.4)
+    a = dt.track(data, detector="unet")
+    b = dt.track(data, detector="unet", weights=str(neural.DEFAULT_WEIGHTS))
+    pd.testing.assert_frame_equal(a.particles, b.particles)
+    with pytest.raises(ValueError, match="weights"):
+        dt.track(data, detector="classical", weights="other.npz")
+    with pytest.raises((OSError, ValueError)):
+        dt.track(data, detector="unet", weights=str(Path("no") / "such.npz"))

@@ -106,9 +106,10 @@ def test_help_runs_as_a_module():
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "demo" in res.stdout and "simulate" in res.stdout and "locate" in res.stdout
+    assert "train" in res.stdout
 
 
-@pytest.mark.parametrize("command", ["demo", "simulate", "locate"])
+@pytest.mark.parametrize("command", ["demo", "simulate", "locate", "train"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -121,7 +122,7 @@ def test_locate_help_names_its_options(capsys):
         main(["locate", "--help"])
     text = capsys.readouterr().out
     for opt in ("-o OUTPUT", "--radius", "--voxel-size Z Y X", "--invert", "--detector",
-                "{auto,classical,unet}", "--no-refine", ".parquet"):
+                "{auto,classical,unet}", "--weights", "--no-refine", ".parquet"):
         assert opt in text
 
 
@@ -139,3 +140,16 @@ def test_locate_invert_and_bright_exclude_each_other(tmp_path, capsys):
               "--bright"])
     assert e.value.code == 2
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_train_from_shape_needs_a_radius_and_writes_nothing(tmp_path, capsys):
+    from difftrack import simulate, write_stack
+
+    sim = simulate((12, 24, 24), voxel_size=(0.2, 0.1, 0.1), radius=0.4, seed=0)
+    stack = tmp_path / "s.tif"
+    write_stack(stack, sim.image, voxel_size=sim.voxel_size)
+    out = tmp_path / "w.npz"
+    assert main(["train", "--from-shape", str(stack), "-o", str(out), "--steps", "1",
+                 "--no-progress"]) == 2
+    assert "radius" in capsys.readouterr().err
+    assert not out.exists()

@@ -680,6 +680,17 @@ def learn_shape(path, *, radius, voxel_size=None, dark=False, log=print):
     return model, cnr
 
 
+def output_path(args) -> str:
+    """Where ``difftrack train`` writes: ``-o`` if given; else a fine-tuned detector goes
+    to STACK_detector.npz in the current folder (the shipped weights stay untouched) and a
+    general model to the packaged weights file."""
+    if args.out is not None:
+        return str(args.out)
+    if args.from_shape:
+        return Path(args.from_shape).stem + "_detector.npz"
+    return str(neural.DEFAULT_WEIGHTS)
+
+
 def run(args) -> int:
     logf = open(args.log, "a") if args.log else None
 
@@ -696,9 +707,7 @@ def run(args) -> int:
     try:
         shape = cnr = None
         init = args.init
-        if args.out is None:
-            args.out = (Path(args.from_shape).stem + "_detector.npz") if args.from_shape \
-                else str(neural.DEFAULT_WEIGHTS)
+        args.out = output_path(args)
         if args.from_shape:
             shape, cnr = learn_shape(args.from_shape, radius=args.radius,
                                      voxel_size=args.voxel_size, dark=args.dark, log=log)

@@ -246,7 +246,10 @@ def test_cli_arguments():
     p = training.add_arguments(argparse.ArgumentParser())
     a = p.parse_args(["--steps", "5", "-o", "w.npz", "--from-shape", "s.tif", "--radius", "0.4"])
     assert a.steps == 5 and a.out == "w.npz" and a.from_shape == "s.tif" and a.radius == 0.4
-    assert p.parse_args([]).out == str(neural.DEFAULT_WEIGHTS)
+    assert training.output_path(a) == "w.npz"
+    assert training.output_path(p.parse_args([])) == str(neural.DEFAULT_WEIGHTS)
+    tuned = p.parse_args(["--from-shape", "data/s.tif", "--radius", "0.4"])
+    assert training.output_path(tuned) == "s_detector.npz"  # never the shipped weights
     with pytest.raises(SystemExit):
         training.main(["--help"])
     assert training.main(["--from-shape", "/nonexistent.tif", "--no-progress"]) == 2

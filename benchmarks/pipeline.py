@@ -1,0 +1,52 @@
+"""The whole path, track + refine, from the neural start and from the classical start.
+
+    python benchmarks/pipeline.py [NAME ...]     # dev stacks (default: the PERI dark one)
+
+Same refine settings for both starts; scored against the truth on the interior (one
+radius from each face): recall, precision, RMSE per axis over the Cramer-Rao bound
+(crlb.json), and the time of each stage.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import difftrack as dt
+
+DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev"
+
+
+def main(names):
+    crlb = json.loads((DEV / "crlb.json").read_text())
+    for name in names:
+        meta = json.loads((DEV / f"{name}.json").read_text())
+        truth = pd.read_csv(DEV / f"{name}.csv")[["z", "y", "x"]].to_numpy()
+        if "px_um" in meta:
+            vs, radius = (meta["zstep_um"], meta["px_um"], meta["px_um"]), meta["radius_um"]
+        else:
+            vs, radius = (1.0, 1.0, 1.0), meta["radius"]
+        invert = meta.get("bright") is False
+        data = dt.preprocess(DEV / f"{name}.tif", voxel_size=vs, radius=radius, invert=invert)
+        for detector in ("unet", "classical"):
+            t0 = time.perf_counter()
+            found = dt.track(data, detector=detector)
+            t1 = time.perf_counter()
+            res = dt.refine(found)
+            t2 = time.perf_counter()
+            row = dict(stack=name, start=detector, n_true=int(len(truth)))
+            for tag, df in (("track", found.particles), ("refine", res.particles)):
+                s = dt.score(df[["z", "y", "x"]].to_numpy(), truth, radius=radius,
+                             voxel_size=vs, shape=data.shape)
+                row[tag] = dict(recall=round(s.recall, 3), precision=round(s.precision, 3),
+                                rmse_over_crlb=np.round(s.rmse / np.asarray(crlb[name]["crlb_rms_zyx"]), 2).tolist())
+            row.update(track_s=round(t1 - t0, 1), refine_s=round(t2 - t1, 1),
+                       added=res.stats.get("added"), removed=res.stats.get("removed"))
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["dev_peri_r3_phi50_dark"])

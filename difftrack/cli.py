@@ -10,9 +10,7 @@ from pathlib import Path
 
 
 def _demo(args):
-    import numpy as np
-
-    from .detect import find_peaks
+    from .api import preprocess, refine, track
     from .io import check_writable, write_stack, write_table
     from .metrics import score
     from .simulate import simulate
@@ -30,19 +28,29 @@ def _demo(args):
     print(f"simulated a {sim.image.shape} stack (voxel size {vs} um, radius {radius} um, "
           f"volume fraction 0.50, PSF 2.5x longer along z, Poisson + read noise): "
           f"{len(sim.truth)} particles in {t1 - t0:.1f} s")
-    found = find_peaks(sim.image, radius / np.asarray(vs))
+    truth = sim.truth[["z", "y", "x"]].to_numpy()
+
+    def report(what, df, seconds):
+        s = score(df[["z", "y", "x"]].to_numpy(), truth, radius=radius, voxel_size=vs,
+                  shape=sim.image.shape)
+        print(f"{what}: {len(df)} particles in {seconds:.1f} s; against the truth (interior, "
+              f"one radius from every face): {s}")
+
+    data = preprocess(sim.image, voxel_size=vs, radius=radius, invert=False)
     t2 = time.perf_counter()
-    found["z_um"] = found["z"] * vs[0]
-    found["y_um"] = found["y"] * vs[1]
-    found["x_um"] = found["x"] * vs[2]
-    write_table(found, table)
+    result = track(data, detector=args.detector)
+    report(f"track ({result.detector} detector)", result.particles, time.perf_counter() - t2)
+    if result.detector != "classical":
+        t3 = time.perf_counter()
+        report("track (classical detector, for comparison)",
+               track(data, detector="classical").particles, time.perf_counter() - t3)
+    if args.refine:
+        t4 = time.perf_counter()
+        result = refine(result, progress=True)
+        report("refine (fit of the whole stack)", result.particles, time.perf_counter() - t4)
+    write_table(result.particles, table)
     write_table(sim.truth, out / "truth.csv")
     write_stack(out / "stack.tif", sim.image, voxel_size=vs)
-    s = score(found[["z", "y", "x"]].to_numpy(), sim.truth[["z", "y", "x"]].to_numpy(),
-              radius=radius, voxel_size=vs, shape=sim.image.shape)
-    print(f"located {len(found)} particles in {t2 - t1:.2f} s (classical detector: local "
-          f"maxima of a matched filter)")
-    print(f"against the truth (interior, one radius from every face): {s}")
     print(f"wrote {table}  (and stack.tif, truth.csv beside it)")
     return 0
 
@@ -203,6 +211,11 @@ def build_parser():
     d.add_argument("--out", default="difftrack_demo", help="folder for the outputs")
     d.add_argument("--shape", type=int, nargs=3, default=(32, 96, 96), metavar=("Z", "Y", "X"))
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--detector", choices=("auto", "classical", "unet"), default="auto",
+                   help="detector to show (auto: the U-Net when its weights are installed); "
+                   "the classical one is scored beside it")
+    d.add_argument("--refine", action="store_true",
+                   help="also refine (fit the whole stack; minutes on a laptop)")
     d.set_defaults(func=_demo)
 
     s = sub.add_parser("simulate", help="write a synthetic stack (TIFF) and its truth (CSV)")

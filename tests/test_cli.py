@@ -29,7 +29,7 @@ def test_demo_writes_outputs_and_prints_score(tmp_path, capsys):
 
     found = pd.read_csv(out / "particles.csv")
     assert list(found.columns[:3]) == ["z", "y", "x"]
-    assert {"mass", "z_um", "y_um", "x_um"} <= set(found.columns)
+    assert {"score", "z_um", "y_um", "x_um"} <= set(found.columns)
     assert len(found) > 0
     np.testing.assert_allclose(found["z_um"], found["z"] * 0.2, rtol=1e-9)
     np.testing.assert_allclose(found["x_um"], found["x"] * 0.1, rtol=1e-9)

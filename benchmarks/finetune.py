@@ -1,6 +1,6 @@
 """Fine-tuning the detector on a shape it was not trained on (issue 5's loop).
 
-    python benchmarks/finetune.py [--steps 150] [--elongation 3.5] [--radius-px 2.5]
+    python benchmarks/finetune.py [--steps 150] [--elongation 4] [--radius-px 2.5]
 
 A simulated stack whose PSF lies outside the general model's training range (z elongation
 above 3 at a small radius, dense) is written to a TIFF; `difftrack train --from-shape`'s
@@ -38,7 +38,7 @@ def evaluate(sim, radius, weights):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--elongation", type=float, default=3.5)
+    ap.add_argument("--elongation", type=float, default=4.0)
     ap.add_argument("--radius-px", type=float, default=2.5)
     ap.add_argument("--phi", type=float, default=0.58)
     args = ap.parse_args()

@@ -34,6 +34,7 @@ from scipy import ndimage
 from ._checks import check_stack, check_voxel_size
 from .detect import find_peaks, filtered_noise, noise_sigma
 from .io import Stack, read_series, read_stack
+from .model import _normalise  # the same (offset, scale) as the fits use
 
 __all__ = ["Preprocessed", "Tracked", "Refined", "SeriesResult", "preprocess", "track",
            "refine", "locate", "estimate_radius", "decide_invert"]
@@ -231,16 +232,6 @@ def _check_invert(invert):
         return "auto"
     raise ValueError(f"invert must be True (dark particles), False (bright) or 'auto'; "
                      f"got {invert!r}")
-
-
-def _normalise(image):
-    """(offset, scale): median and std of a sample of slices (as the model's fits do)."""
-    sample = image[:: max(1, image.shape[0] // 16)].astype(np.float64)
-    offset = float(np.median(sample))
-    scale = float(np.std(sample))
-    if not scale > 0:
-        scale = float(np.std(image.astype(np.float64))) or 1.0
-    return offset, scale
 
 
 def _acf_profile(planes):

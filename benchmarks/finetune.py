@@ -23,11 +23,12 @@ from difftrack.detect import find_peaks
 VS = (0.15, 0.1, 0.1)
 
 
-def evaluate(sim, radius, weights):
+def evaluate(sim, radius, weights, threshold=None):
     r_vox = radius / np.asarray(VS)
     t = sim.truth[["z", "y", "x"]].to_numpy()
     out = {}
-    for tag, found in (("neural", neural.detect(sim.image, r_vox, weights=weights)),
+    kw = {} if threshold is None else {"threshold": threshold}
+    for tag, found in (("neural", neural.detect(sim.image, r_vox, weights=weights, **kw)),
                        ("classical", find_peaks(sim.image, r_vox))):
         s = score(found[["z", "y", "x"]].to_numpy(), t, radius=radius, voxel_size=VS,
                   shape=sim.image.shape)
@@ -60,7 +61,15 @@ def main():
                        shape=model, cnr=cnr, workers=0, calibrate=4, log=None)
         dt = time.perf_counter() - t0
         after = dict(user=evaluate(user, radius, str(out)), held_out=evaluate(held, radius, str(out)))
-    print("after", json.dumps(after), flush=True)
+        print("after", json.dumps(after), flush=True)
+        # recall at matched precision: the lowest threshold at which the tuned model is at
+        # least as precise on the held-out stack as the general model was
+        sweep = {t: evaluate(held, radius, str(out), t)["neural"] for t in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)}
+        print("held-out sweep of the tuned model (threshold: recall, precision)", json.dumps(sweep), flush=True)
+        ok = [t for t, (r, p) in sweep.items() if p >= before["held_out"]["neural"][1]]
+        if ok:
+            t = min(ok)
+            after["held_out_matched_precision"] = dict(threshold=t, neural=sweep[t])
     print(json.dumps(dict(elongation=args.elongation, radius_px=args.radius_px, phi=args.phi,
                           steps=args.steps, fine_tune_seconds=round(dt), before=before,
                           after=after)))

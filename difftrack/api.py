@@ -483,6 +483,14 @@ def _neural_module():
         return None
 
 
+DENSEST_PACKING = 0.74  # pi / sqrt(18): no packing of equal spheres fills more
+
+
+def _implied_volume_fraction(n, radius_vox, shape):
+    """Volume fraction n equal spheres of ``radius_vox`` (z, y, x voxels) would fill."""
+    return n * 4.0 / 3.0 * math.pi * float(np.prod(radius_vox)) / float(np.prod(shape))
+
+
 def track(data, *, detector="auto", threshold=None, separation=None, weights=None) -> Tracked:
     """Detect particle centres.
 
@@ -491,7 +499,9 @@ def track(data, *, detector="auto", threshold=None, separation=None, weights=Non
     data : a ``Preprocessed`` stack, or anything ``preprocess`` takes (an array or a TIFF
         path; then preprocessed with the defaults).
     detector : "auto" (the U-Net when ``difftrack.neural`` is installed with its weights,
-        else the classical one), "classical" (matched filter + local maxima,
+        else the classical one; also the classical one, with a warning, where the U-Net is
+        unsure: when its count would fill more than 0.74 of the stack, which no packing of
+        spheres can), "classical" (matched filter + local maxima,
         ``difftrack.detect.find_peaks``) or "unet" (``difftrack.neural.detect``).
     threshold : detection threshold of the detector (classical: matched-filter value in
         image units, default 5 noise sigmas; unet: likelihood 0-1, default the weights').
@@ -528,7 +538,17 @@ def track(data, *, detector="auto", threshold=None, separation=None, weights=Non
         df = neural.detect(data.image, rv, invert=data.invert, **kw)
         used = "unet"
         df = df[["z", "y", "x", "score"]].reset_index(drop=True)
-    else:
+        phi = _implied_volume_fraction(len(df), rv, data.shape)
+        if detector == "auto" and phi > DENSEST_PACKING:
+            warnings.warn(
+                f"the U-Net found {len(df)} particles, a volume fraction of {phi:.2f} at radius "
+                f"{tuple(round(float(r), 2) for r in rv)} voxels: more than spheres can fill "
+                f"({DENSEST_PACKING}); it is unsure on this stack (outside its training range?), "
+                "so the classical detector is used. Check the radius, or fine-tune the U-Net "
+                "(difftrack train --from-shape)", stacklevel=2)
+            neural = None
+            threshold = None  # the U-Net's threshold is a likelihood, not a filter value
+    if neural is None:
         kw = {} if separation is None else {"separation": separation}
         df = find_peaks(data.image, rv, invert=data.invert, threshold=threshold, **kw)
         used = "classical"

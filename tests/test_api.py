@@ -381,6 +381,27 @@ def test_detector_choice(sim, monkeypatch):
     assert dt.track(data, detector="classical").detector == "classical"
 
 
+def test_auto_falls_back_to_classical_where_the_unet_is_unsure(sim, monkeypatch):
+    data = dt.preprocess(sim.image, voxel_size=VS, radius=R)
+    rng = np.random.default_rng(0)
+    n_over = int(0.8 * np.prod(data.shape) / (4 / 3 * np.pi * np.prod(data.radius_vox))) + 1
+
+    class Overcounting:  # more centres than spheres can fill (volume fraction 0.8)
+        @staticmethod
+        def detect(image, radius_vox, *, invert=False, threshold=None):
+            p = rng.uniform(0, 1, (n_over, 3)) * (np.asarray(image.shape) - 1)
+            return pd.DataFrame({"z": p[:, 0], "y": p[:, 1], "x": p[:, 2],
+                                 "score": np.full(n_over, 0.9)})
+
+    monkeypatch.setattr(api, "_neural_module", lambda: Overcounting)
+    with pytest.warns(UserWarning, match="more than spheres can fill"):
+        found = dt.track(data, threshold=0.5)  # a likelihood threshold: not for classical
+    assert found.detector == "classical"
+    assert len(found.particles) == len(dt.track(data, detector="classical").particles)
+    forced = dt.track(data, detector="unet")  # asked for by name: no second-guessing
+    assert forced.detector == "unet" and len(forced.particles) == n_over
+
+
 def test_refine_rejects_unknown_options(sim):
     found = dt.track(dt.preprocess(sim.image, voxel_size=VS, radius=R))
     with pytest.raises(TypeError, match="max_round"):

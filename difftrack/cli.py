@@ -232,21 +232,20 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_simulate)
 
-    t = sub.add_parser("train", help="train the neural detector on simulated stacks, or "
-                       "fine-tune it on the particle shape learned from your stack "
-                       "(--from-shape)")
-    _training().add_arguments(t)
-    t.set_defaults(func=lambda args: _training().run(args))
+    # listed here; its options live in difftrack.training, which imports flax: ``main``
+    # hands ``train`` over to it, so no other command pays for that import
+    sub.add_parser("train", add_help=False, help="train the neural detector on simulated "
+                   "stacks, or fine-tune it on the particle shape learned from your stack "
+                   "(--from-shape); see 'difftrack train --help'")
     return p
 
 
-def _training():
-    from . import training  # imports flax: only when the command needs it
-
-    return training
-
-
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from . import training
+
+        return training.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -123,7 +123,7 @@ def _joint_loss(free, psf, data, w, mask, pairs, pair_mask, rbounds, *, static):
     of an asymmetric PSF give the same image, so fitting both at once lets the positions
     drift along that direction (measured: 0.3-0.5 voxel in z on PERI stacks).
     """
-    geom, _, (plo, phi), overlap = static
+    geom, (plo, phi), overlap = static
     rlo, rhi = rbounds[0], rbounds[1]  # traced (static would recompile for every radius)
     pos, radius, amplitude, background = free
     pos = jnp.clip(pos, jnp.asarray(plo), jnp.asarray(phi))
@@ -139,8 +139,9 @@ def _joint_loss(free, psf, data, w, mask, pairs, pair_mask, rbounds, *, static):
     return (chi2 + pen) / data.size
 
 
-def _clamp(params: Params, mask, static) -> Params:
-    geom, (rlo, rhi), (plo, phi), _ = static
+def _clamp(params: Params, mask, static, rbounds) -> Params:
+    geom, (plo, phi), _ = static
+    rlo, rhi = rbounds[0], rbounds[1]
     p = params.particles
     return Params(Particles(jnp.clip(p.pos, jnp.asarray(plo), jnp.asarray(phi)),
                             jnp.clip(p.radius, rlo, rhi), p.amplitude * mask),
@@ -380,9 +381,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     out = list(geom.margin)  # centres may lie as far outside as the canvas reaches
     plo = tuple(-0.5 - o for o in out)
     phi = tuple(s - 0.5 + o for s, o in zip(image.shape, out))
-    static = (geom, (rlo, rhi), (plo, phi), overlap)
-    jit_static = (geom, None, (plo, phi), overlap)  # the jitted loss gets the radius bounds traced
-    rbounds = jnp.asarray([rlo, rhi], jnp.float32)
+    static = (geom, (plo, phi), overlap)  # hashable: the jitted loss's static argument
+    rbounds = jnp.asarray([rlo, rhi], jnp.float32)  # traced: a new radius does not recompile
 
     # fixed-capacity buffer
     n = len(pos0)
@@ -410,7 +410,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         bar = tqdm(total=max_rounds, desc="refine", leave=False)
 
     def weights(params):
-        m = np.asarray(render(_clamp(params, jnp.asarray(mask), static), geom))
+        m = np.asarray(render(_clamp(params, jnp.asarray(mask), static, rbounds), geom))
         return m, (1.0 / noise_n.variance(m)).astype(np.float32)
 
     def joint_fit(params, w):
@@ -422,9 +422,9 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                 params.background)
         free, hist = minimize(_joint_loss, free, (params.psf, data_n, jnp.asarray(w),
                                                   jnp.asarray(mask), pairs, pair_mask, rbounds),
-                              static=jit_static, steps=steps, what="joint fit")
+                              static=static, steps=steps, what="joint fit")
         stats["steps"] += len(hist)
-        p = _clamp(Params(Particles(*free[:3]), params.psf, free[3]), jnp.asarray(mask), static)
+        p = _clamp(Params(Particles(*free[:3]), params.psf, free[3]), jnp.asarray(mask), static, rbounds)
         return p, hist
 
     def remove_step(params, use_gain=True):
@@ -537,7 +537,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         shape_p, hist = fit_parameters(params, data_n, geom, radius=R0, weight=jnp.asarray(w),
                                        steps=shape_steps, amplitude_mask=jnp.asarray(mask),
                                        hold_psf=hold_psf)
-        return _clamp(shape_p, jnp.asarray(mask), static), hist
+        return _clamp(shape_p, jnp.asarray(mask), static, rbounds), hist
 
     # fit_shape left the faces out; fit the background and shape to every voxel (centres
     # held) so that the first residual shows missing particles, not a background error

@@ -58,6 +58,7 @@ def main(names):
                    median_abs_err_vox=np.round(med, 3).tolist(),
                    mean_error_vox=np.round((f[i] - t[j])[inner].mean(axis=0), 3).tolist(), calibration=np.round(cal, 2).tolist(),
                    added=res.stats["added"], removed=res.stats["removed"], seconds=round(dt, 1),
+                   seconds_by_phase=res.stats["seconds_by_phase"],
                    particles_per_second=round(len(f) / dt, 1))
         rows.append(row)
         print(row, flush=True)

@@ -45,7 +45,7 @@ from .model import (Model, _normalise, fit_parameters, fit_shape, to_image_units
                     to_normalised_units)
 from .optimize import minimize
 from .render import (Geometry, Params, Particles, correlate, gather_patches, illumination_field,
-                     kernel_on_grid, patch_values, render, render_parts, stack_region, to_canvas)
+                     kernel_on_grid, patch_values, render, stack_region, to_canvas)
 from .shape import voxel_ball
 
 
@@ -101,7 +101,8 @@ class RefineResult:
     model: the fitted ``Model`` (``model.model_image()``; all particles, also those whose
         centres lie just outside).
     noise: the ``NoiseModel``.
-    stats: dict with rounds, added, removed, steps, final chi^2 per voxel, seconds, ...
+    stats: dict with rounds, added, removed, steps, final chi^2 per voxel, seconds,
+        seconds_by_phase (shape fit, joint fit, add, remove), ...
     """
 
     particles: pd.DataFrame
@@ -205,13 +206,6 @@ def _fisher_tables(radii_grid, psf, geom):
     return np.asarray(Gs), np.asarray(Es)
 
 
-def _energy_table(radii_grid, psf, geom):
-    """Light energies E(R) = sum of the squared light of a unit particle."""
-    return np.asarray([float(np.sum(np.asarray(_unit_light(float(R), psf, geom, (0.1, 0.2, 0.3),
-                                                            jacobian=False), np.float64) ** 2))
-                       for R in radii_grid])
-
-
 def _interp_tables(R, radii_grid, Gs, Es):
     if len(radii_grid) == 1:
         return np.broadcast_to(Gs[0], (len(R), 5, 5)).copy(), np.full(len(R), Es[0])
@@ -228,10 +222,13 @@ def _at_voxels(field, pos):
     return np.asarray(field)[idx[:, 0], idx[:, 1], idx[:, 2]]
 
 
-def _removal_gain(params: Params, resid_w, w, geom, E, exact_below=0.0):
-    """chi^2 increase if each particle were removed (its neighbours held):
-    a^2 w L^2 E(R) + 2 a <L ball, PSF * (w r)>. Exact in the cross term, local-weight
-    approximation in the energy term."""
+def _removal_gain(params: Params, resid_w, w, geom):
+    """chi^2 increase if each particle were removed (its neighbours held), exactly:
+    sum_v w m_i^2 + 2 <m_i, w r>, m_i = PSF * (L a_i ball_i) particle i's light.
+
+    The cross term correlates the weighted residual with the PSF once (FFT) and gathers it
+    on each particle's patch; the own energy comes from ``_own_energies`` (local windows).
+    """
     kernel = params.psf.kernel(geom.voxel_size, geom.kernel_half)
     G = correlate(resid_w, kernel, geom)  # canvas
     L = illumination_field(params.background, geom)
@@ -240,31 +237,42 @@ def _removal_gain(params: Params, resid_w, w, geom, E, exact_below=0.0):
     vals, corner = patch_values(unit, geom)
     cross = jnp.sum(vals * gather_patches(G * L, corner, geom), axis=(1, 2, 3))
     a = np.asarray(params.particles.amplitude, np.float64)
-    pos = np.asarray(params.particles.pos)
-    Lc = _at_voxels(np.asarray(stack_region(L, geom)), pos)
-    wc = _at_voxels(w, pos)
-    energy = a * a * wc * Lc * Lc * E
-    gain = energy + 2.0 * a * np.asarray(cross, np.float64)
-    # the energy term assumes the particle's light lies inside the stack under a locally
-    # constant weight: render it exactly where that fails (near a face) or where the
-    # decision is close
-    reach = np.asarray(geom.patch_half) + np.asarray(geom.kernel_half)
-    near_face = np.any((pos < reach - 0.5) | (pos > np.asarray(geom.shape) - 0.5 - reach), axis=1)
-    exact = np.flatnonzero((a != 0) & (near_face | (gain < exact_below)))
-    wj = jnp.asarray(w)
-    for i in exact:
-        energy[i] = float(_own_energy(params, wj, int(i), geom))
+    energy = np.asarray(_own_energies(params, jnp.asarray(w, jnp.float32), geom), np.float64)
     return energy + 2.0 * a * np.asarray(cross, np.float64)
 
 
-@partial(jax.jit, static_argnames="geom")
-def _own_energy(params: Params, w, i, geom):
-    """sum_v w m_i^2, m_i particle i's light alone (rendered on the whole stack)."""
-    onehot = jnp.zeros_like(params.particles.amplitude).at[i].set(params.particles.amplitude[i])
-    p = Params(Particles(params.particles.pos, params.particles.radius, onehot), params.psf,
-               params.background)
-    B, light = render_parts(p, geom)
-    return jnp.sum(w * light * light)
+@partial(jax.jit, static_argnames=("geom", "batch"))
+def _own_energies(params: Params, w, geom, batch=32):
+    """sum_v w m_i^2 for every particle, m_i its light alone on the stack's voxels.
+
+    Each particle's patch (times the illumination) is convolved with the PSF kernel by a
+    small FFT of the patch + kernel window, and weighted by w there (w is zero outside
+    the stack, so light falling outside does not count): the same light as ``render``
+    gives, at the cost of one small FFT per particle instead of a whole-stack render.
+    """
+    vals, corner = patch_values(params.particles, geom)
+    vals = vals * gather_patches(illumination_field(params.background, geom), corner, geom)
+    kernel = params.psf.kernel(geom.voxel_size, geom.kernel_half)
+    kh = geom.kernel_half
+    full = tuple(p + k - 1 for p, k in zip(vals.shape[1:], kernel.shape))  # linear convolution
+    fshape = tuple(scipy.fft.next_fast_len(f, real=True) for f in full)
+    kf = jnp.fft.rfftn(kernel, s=fshape)
+    # window i covers stack voxels corner_i - kernel_half + [0, full): on the canvas
+    # (zero outside the stack) padded by a window on every side
+    pad = full
+    wpad = jnp.pad(to_canvas(w, geom), [(f, f) for f in pad])
+    start = corner + jnp.asarray(geom.margin, jnp.int32) - jnp.asarray(kh, jnp.int32) \
+        + jnp.asarray(pad, jnp.int32)
+    start = jnp.clip(start, 0, jnp.asarray(wpad.shape, jnp.int32) - jnp.asarray(full, jnp.int32))
+
+    def one(x):
+        v, s = x
+        light = jnp.fft.irfftn(jnp.fft.rfftn(v, s=fshape) * kf, s=fshape)
+        light = light[: full[0], : full[1], : full[2]]
+        ww = jax.lax.dynamic_slice(wpad, (s[0], s[1], s[2]), full)
+        return jnp.sum(ww * light * light)
+
+    return jax.lax.map(one, (vals, start), batch_size=batch)
 
 
 def _quality(params: Params, z2, geom):
@@ -409,10 +417,23 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
 
         bar = tqdm(total=max_rounds, desc="refine", leave=False)
 
+    seconds = {}  # wall time per phase of the loop, for stats
+
+    def timed(phase):
+        def deco(fn):
+            def run(*args, **kwargs):
+                t = time.perf_counter()
+                out = fn(*args, **kwargs)
+                seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t
+                return out
+            return run
+        return deco
+
     def weights(params):
         m = np.asarray(render(_clamp(params, jnp.asarray(mask), static, rbounds), geom))
         return m, (1.0 / noise_n.variance(m)).astype(np.float32)
 
+    @timed("joint fit")
     def joint_fit(params, w):
         reach = 2.2 * float(np.max(np.asarray(params.particles.radius)[mask > 0]))
         pos_phys = np.asarray(params.particles.pos) * np.asarray(vs_eff)
@@ -427,6 +448,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         p = _clamp(Params(Particles(*free[:3]), params.psf, free[3]), jnp.asarray(mask), static, rbounds)
         return p, hist
 
+    @timed("remove")
     def remove_step(params, use_gain=True):
         """Remove implausible, overlapping and (after a fit) low-gain particles."""
         nonlocal mask
@@ -437,10 +459,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         act = mask > 0
         R = np.asarray(params.particles.radius)
         reach = 2.2 * float(np.max(R[act]))
-        radii_grid = np.unique(np.clip(np.quantile(R[act], [0.0, 0.5, 1.0]), rlo, rhi))
-        Es = _energy_table(radii_grid, params.psf, geom)
-        _, E = _interp_tables(R, radii_grid, np.zeros((len(radii_grid), 5, 5)), Es)
-        gain = _removal_gain(params, jnp.asarray(w * r), w, geom, E, exact_below=20 * penalty)
+        gain = _removal_gain(params, jnp.asarray(w * r), w, geom)
         a = np.asarray(params.particles.amplitude)
         med_a = float(np.median(np.abs(a[act])))
         implausible = act & ((np.sign(a) != sign) | (np.abs(a) < min_amplitude * med_a))
@@ -481,6 +500,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                         params.psf, params.background)
         return params, int(drop.sum()), med_a, counts
 
+    @timed("add")
     def add_step(params, med_a):
         """Add particles at the peaks of the residual's gain map; returns (params, added)."""
         nonlocal mask
@@ -532,6 +552,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     params, n0, _, counts = remove_step(params, use_gain=False)
     if verbose:
         print(f"start: active {int(mask.sum())}, removed {n0} {counts}")
+    @timed("shape fit")
     def shape_fit(params):
         m, w = weights(params)
         shape_p, hist = fit_parameters(params, data_n, geom, radius=R0, weight=jnp.asarray(w),
@@ -631,7 +652,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         for k, c in enumerate("zyx"):
             df[f"{c}_um"] = df[c] * vs[k]
     stats.update(n=int(len(df)), n_with_outside=int(len(act)), chi2_per_voxel=float(np.mean(w * r * r)),
-                 seconds=time.perf_counter() - t0, capacity=int(mask.size))
+                 seconds=time.perf_counter() - t0, capacity=int(mask.size),
+                 seconds_by_phase={k: round(v, 2) for k, v in seconds.items()})
     noise = NoiseModel(noise_n.a * scale**2, noise_n.b * scale, noise_n.m0 * scale + centre)
     return RefineResult(particles=df, model=model, noise=noise, stats=stats)
 

@@ -26,8 +26,7 @@ def crlb(sim):
     R = np.asarray(p.particles.radius)
     a = np.asarray(p.particles.amplitude)
     grid = np.unique(np.quantile(R, [0.0, 0.5, 1.0]))
-    Gs, _ = _fisher_tables(grid, p.psf, g)
-    G, _ = _interp_tables(R, grid, Gs, np.zeros(len(grid)))
+    G = _interp_tables(R, grid, _fisher_tables(grid, p.psf, g))
     pos = np.asarray(p.particles.pos)
     idx = np.clip(np.rint(pos).astype(int), 0, np.asarray(sim.image.shape) - 1)
     w = 1.0 / sim.noise_variance[idx[:, 0], idx[:, 1], idx[:, 2]]

@@ -170,10 +170,10 @@ def _pairs(pos, mask, reach, capacity):
 # per-particle quantities (numpy side, between fits)
 
 
-def _unit_light(R, psf, geom: Geometry, offset=(0.0, 0.0, 0.0), jacobian=True):
+def _unit_light(R, psf, geom: Geometry, offset=(0.0, 0.0, 0.0)):
     """Light of one unit-amplitude particle of radius R (PSF-blurred partial-volume sphere)
     on a small grid around it, and its derivatives in (z, y, x) voxels and R: (5, ...)
-    columns dz, dy, dx, da (the light itself), dR. With ``jacobian=False`` only the light."""
+    columns dz, dy, dx, da (the light itself), dR."""
     h = tuple(p + k for p, k in zip(geom.patch_half, geom.kernel_half))
     vs = geom.voxel_size
     kernel = psf.kernel(vs, geom.kernel_half)
@@ -188,33 +188,29 @@ def _unit_light(R, psf, geom: Geometry, offset=(0.0, 0.0, 0.0), jacobian=True):
 
     theta = jnp.asarray([*offset, R], jnp.float32)
     L = light(theta)
-    if not jacobian:
-        return L
     J = jax.jacfwd(light)(theta)  # (..., 4)
     J = jnp.moveaxis(J, -1, 0)
     return jnp.stack([J[0], J[1], J[2], L, J[3]])
 
 
 def _fisher_tables(radii_grid, psf, geom):
-    """Unit-amplitude, unit-weight Fisher blocks G(R) (5x5) and light energies E(R)."""
-    Gs, Es = [], []
+    """Unit-amplitude, unit-weight Fisher blocks G(R) (5x5), one per radius of the grid."""
+    Gs = []
     for R in radii_grid:
         cols = np.asarray(_unit_light(float(R), psf, geom, offset=(0.1, 0.2, 0.3)), np.float64)
         cols = cols.reshape(5, -1)
         Gs.append(cols @ cols.T)
-        Es.append(float(np.sum(cols[3] ** 2)))
-    return np.asarray(Gs), np.asarray(Es)
+    return np.asarray(Gs)
 
 
-def _interp_tables(R, radii_grid, Gs, Es):
+def _interp_tables(R, radii_grid, Gs):
+    """The Fisher blocks at radii R, linearly interpolated in the table: (n, 5, 5)."""
     if len(radii_grid) == 1:
-        return np.broadcast_to(Gs[0], (len(R), 5, 5)).copy(), np.full(len(R), Es[0])
+        return np.broadcast_to(Gs[0], (len(R), 5, 5)).copy()
     t = np.clip(np.interp(R, radii_grid, np.arange(len(radii_grid))), 0, len(radii_grid) - 1)
     k = np.clip(np.floor(t).astype(int), 0, len(radii_grid) - 2)
     f = (t - k)[:, None, None]
-    G = Gs[k] * (1 - f) + Gs[k + 1] * f
-    E = Es[k] * (1 - f[:, 0, 0]) + Es[k + 1] * f[:, 0, 0]
-    return G, E
+    return Gs[k] * (1 - f) + Gs[k + 1] * f
 
 
 def _at_voxels(field, pos):
@@ -224,55 +220,45 @@ def _at_voxels(field, pos):
 
 def _removal_gain(params: Params, resid_w, w, geom):
     """chi^2 increase if each particle were removed (its neighbours held), exactly:
-    sum_v w m_i^2 + 2 <m_i, w r>, m_i = PSF * (L a_i ball_i) particle i's light.
-
-    The cross term correlates the weighted residual with the PSF once (FFT) and gathers it
-    on each particle's patch; the own energy comes from ``_own_energies`` (local windows).
-    """
-    kernel = params.psf.kernel(geom.voxel_size, geom.kernel_half)
-    G = correlate(resid_w, kernel, geom)  # canvas
-    L = illumination_field(params.background, geom)
-    unit = Particles(params.particles.pos, params.particles.radius,
-                     jnp.ones_like(params.particles.amplitude))
-    vals, corner = patch_values(unit, geom)
-    cross = jnp.sum(vals * gather_patches(G * L, corner, geom), axis=(1, 2, 3))
-    a = np.asarray(params.particles.amplitude, np.float64)
-    energy = np.asarray(_own_energies(params, jnp.asarray(w, jnp.float32), geom), np.float64)
-    return energy + 2.0 * a * np.asarray(cross, np.float64)
+    sum_v w m_i^2 + 2 <m_i, w r>, m_i = PSF * (L a_i ball_i) particle i's light."""
+    energy, cross = _gain_terms(params, jnp.asarray(resid_w, jnp.float32),
+                                jnp.asarray(w, jnp.float32), geom)
+    return np.asarray(energy, np.float64) + 2.0 * np.asarray(cross, np.float64)
 
 
 @partial(jax.jit, static_argnames=("geom", "batch"))
-def _own_energies(params: Params, w, geom, batch=32):
-    """sum_v w m_i^2 for every particle, m_i its light alone on the stack's voxels.
+def _gain_terms(params: Params, resid_w, w, geom, batch=32):
+    """(sum_v w m_i^2, <m_i, w r>) for every particle, on each particle's own patch.
 
-    Each particle's patch (times the illumination) is convolved with the PSF kernel by a
-    small FFT of the patch + kernel window, and weighted by w there (w is zero outside
-    the stack, so light falling outside does not count): the same light as ``render``
-    gives, at the cost of one small FFT per particle instead of a whole-stack render.
+    The cross term correlates the weighted residual with the PSF once (FFT) and gathers
+    it on the patch. The own energy convolves the patch (times the illumination) with the
+    PSF kernel by one small FFT of the patch + kernel window, weighted by w there (w is zero
+    outside the stack, so light falling outside does not count): the same light as
+    ``render`` gives, without a whole-stack render per particle.
     """
-    vals, corner = patch_values(params.particles, geom)
-    vals = vals * gather_patches(illumination_field(params.background, geom), corner, geom)
+    vals, corner = patch_values(params.particles, geom)  # a_i ball_i
+    L = illumination_field(params.background, geom)
+    vals = vals * gather_patches(L, corner, geom)
     kernel = params.psf.kernel(geom.voxel_size, geom.kernel_half)
-    kh = geom.kernel_half
+    cross = jnp.sum(vals * gather_patches(correlate(resid_w, kernel, geom), corner, geom),
+                    axis=(1, 2, 3))
     full = tuple(p + k - 1 for p, k in zip(vals.shape[1:], kernel.shape))  # linear convolution
     fshape = tuple(scipy.fft.next_fast_len(f, real=True) for f in full)
     kf = jnp.fft.rfftn(kernel, s=fshape)
-    # window i covers stack voxels corner_i - kernel_half + [0, full): on the canvas
-    # (zero outside the stack) padded by a window on every side
-    pad = full
-    wpad = jnp.pad(to_canvas(w, geom), [(f, f) for f in pad])
-    start = corner + jnp.asarray(geom.margin, jnp.int32) - jnp.asarray(kh, jnp.int32) \
-        + jnp.asarray(pad, jnp.int32)
-    start = jnp.clip(start, 0, jnp.asarray(wpad.shape, jnp.int32) - jnp.asarray(full, jnp.int32))
+    # window i covers stack voxels corner_i - kernel_half + [0, full): cut from the canvas
+    # (zero outside the stack) padded by a window (and a patch past the high faces, where
+    # a centre may lie a whole margin out), so that no window start is ever clamped
+    wpad = jnp.pad(to_canvas(w, geom), [(f, f + 2 * h + 1) for f, h in zip(full, geom.patch_half)])
+    start = (corner + jnp.asarray(geom.margin, jnp.int32) - jnp.asarray(geom.kernel_half, jnp.int32)
+             + jnp.asarray(full, jnp.int32))
 
-    def one(x):
+    def energy(x):
         v, s = x
         light = jnp.fft.irfftn(jnp.fft.rfftn(v, s=fshape) * kf, s=fshape)
         light = light[: full[0], : full[1], : full[2]]
-        ww = jax.lax.dynamic_slice(wpad, (s[0], s[1], s[2]), full)
-        return jnp.sum(ww * light * light)
+        return jnp.sum(jax.lax.dynamic_slice(wpad, (s[0], s[1], s[2]), full) * light * light)
 
-    return jax.lax.map(one, (vals, start), batch_size=batch)
+    return jax.lax.map(energy, (vals, start), batch_size=batch), cross
 
 
 def _quality(params: Params, z2, geom):
@@ -623,8 +609,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     a = np.asarray(params.particles.amplitude)[act]
     pos = np.asarray(params.particles.pos)[act]
     radii_grid = np.unique(np.quantile(R, [0.0, 0.5, 1.0]))
-    Gs, _ = _fisher_tables(radii_grid, params.psf, geom)
-    G, _ = _interp_tables(R, radii_grid, Gs, np.zeros(len(radii_grid)))
+    G = _interp_tables(R, radii_grid, _fisher_tables(radii_grid, params.psf, geom))
     Lf = np.asarray(stack_region(illumination_field(params.background, geom), geom))
     wc = _local_mean(w, pos, np.median(R) / np.asarray(vs_eff))
     scale_i = wc * _at_voxels(Lf, pos) ** 2

@@ -1,9 +1,10 @@
 """Fine-tuning the detector on a shape it was not trained on (issue 5's loop).
 
-    python benchmarks/finetune.py [--steps 150] [--elongation 4] [--radius-px 2.5]
+    python benchmarks/finetune.py [--steps 150] [--elongation 4] [--radius-px 2.5] [--sigma-xy S]
 
 A simulated stack whose PSF lies outside the general model's training range (z elongation
-above 3 at a small radius, dense) is written to a TIFF; `difftrack train --from-shape`'s
+above 3 at a small radius, dense; or, with ``--sigma-xy``, a lateral PSF std above the
+training range of 0.12-0.4 radius) is written to a TIFF; `difftrack train --from-shape`'s
 path learns its shape (``training.learn_shape``: detector -> ``fit_shape``) and fine-tunes
 the shipped weights on renders with that shape. Recall / precision of the neural detector
 before and after, on that stack and on a held-out stack of the same kind (another seed).
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from difftrack import neural, score, simulate, training, write_stack
+from difftrack.simulate import default_psf
 from difftrack.detect import find_peaks
 
 VS = (0.15, 0.1, 0.1)
@@ -42,11 +44,14 @@ def main():
     ap.add_argument("--elongation", type=float, default=4.0)
     ap.add_argument("--radius-px", type=float, default=2.5)
     ap.add_argument("--phi", type=float, default=0.58)
+    ap.add_argument("--sigma-xy", type=float, default=None,
+                    help="lateral PSF std in radii (default: simulate's, 0.25)")
     args = ap.parse_args()
     radius = 0.1 * args.radius_px
     shape = (40, 64, 64)
-    kw = dict(voxel_size=VS, radius=radius, volume_fraction=args.phi,
-              elongation=args.elongation, photons=100.0)
+    sxy = None if args.sigma_xy is None else args.sigma_xy * radius
+    kw = dict(voxel_size=VS, radius=radius, volume_fraction=args.phi, photons=100.0,
+              psf=default_psf(VS, radius, sigma_xy=sxy, elongation=args.elongation))
     user = simulate(shape, seed=101, **kw)
     held = simulate(shape, seed=202, **kw)
     before = dict(user=evaluate(user, radius, None), held_out=evaluate(held, radius, None))
@@ -71,6 +76,7 @@ def main():
             t = min(ok)
             after["held_out_matched_precision"] = dict(threshold=t, neural=sweep[t])
     print(json.dumps(dict(elongation=args.elongation, radius_px=args.radius_px, phi=args.phi,
+                          sigma_xy_radii=args.sigma_xy,
                           steps=args.steps, fine_tune_seconds=round(dt), before=before,
                           after=after)))
 

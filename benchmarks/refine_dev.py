@@ -59,6 +59,7 @@ def main(names):
                    mean_error_vox=np.round((f[i] - t[j])[inner].mean(axis=0), 3).tolist(), calibration=np.round(cal, 2).tolist(),
                    added=res.stats["added"], removed=res.stats["removed"], seconds=round(dt, 1),
                    seconds_by_phase=res.stats["seconds_by_phase"],
+                   joint_fits=res.stats.get("joint_fits"), joint_steps=res.stats["steps"],
                    particles_per_second=round(len(f) / dt, 1))
         rows.append(row)
         print(row, flush=True)

@@ -134,11 +134,13 @@ def _radius_bounds(geom: Geometry, radius):
 
 def _loss(free, pos, data, weight, amplitude_mask, bounds, *, static):
     """Weighted mean squared residual of the normalised image, plus weak priors."""
-    geom, hold_psf = static
+    geom, hold_psf, hold_illum = static
     lo, hi = bounds[0], bounds[1]  # traced: a new radius does not recompile the step
     radius, amplitude, psf, background = free
     if hold_psf:  # zero gradient: L-BFGS leaves the PSF exactly where it is
         psf = jax.lax.stop_gradient(psf)
+    if hold_illum:
+        background = dataclasses.replace(background, illum=jax.lax.stop_gradient(background.illum))
     params = Params(Particles(pos, jnp.clip(radius, lo, hi), amplitude * amplitude_mask), psf,
                     background)
     r = data - render(params, geom)
@@ -167,13 +169,15 @@ def border_weight(shape, border):
 
 
 def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, weight=None, steps=200,
-                   tol=1e-7, progress=None, amplitude_mask=None, hold_psf=False):
+                   tol=1e-7, progress=None, amplitude_mask=None, hold_psf=False,
+                   hold_illum=False):
     """L-BFGS on radii, amplitudes, PSF and background with positions held.
 
     ``data_n``: the normalised image (float32 jax array); ``weight``: per-voxel weight of
     the residual (default 1); ``amplitude_mask``: 1 for particles that exist, 0 for empty
     slots of a fixed-capacity buffer (default all 1); ``hold_psf``: keep the PSF as given
-    (fit only radii, amplitudes and background); returns (params, history).
+    (fit only radii, amplitudes and background); ``hold_illum``: keep the illumination
+    field as given; returns (params, history).
     """
     weight = jnp.ones(geom.shape, jnp.float32) if weight is None else jnp.asarray(weight)
     n = params.particles.amplitude.shape[0]
@@ -182,7 +186,7 @@ def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, weight=Non
     free = (params.particles.radius, params.particles.amplitude, params.psf, params.background)
     pos = params.particles.pos
     free, history = minimize(_loss, free, (pos, data_n, weight, amask, jnp.asarray(bounds, jnp.float32)),
-                             static=(geom, bool(hold_psf)),
+                             static=(geom, bool(hold_psf), bool(hold_illum)),
                              steps=steps, tol=tol, progress=progress, what="shape fit")
     radius_, amplitude, psf, background = free
     params = Params(Particles(pos, jnp.clip(radius_, *bounds), amplitude * amask), psf, background)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -23,17 +24,26 @@ def _step(free, state, args, *, loss, static):
     return optax.apply_updates(free, updates), state, value
 
 
-def minimize(loss, free, args, *, static, steps=200, tol=1e-7, progress=None, what="fit"):
+def _max_change(a, b):
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def minimize(loss, free, args, *, static, steps=200, tol=1e-7, xtol=None, window=5,
+             progress=None, what="fit"):
     """Minimise ``loss(free, *args, static=static)`` over the pytree ``free``.
 
     ``loss`` must be a module-level function (it is a static argument of the jitted step)
-    and ``static`` hashable. Stops after ``steps`` or when the relative change of the loss
-    falls below ``tol``. Returns (free, history). Raises FloatingPointError when the loss
-    becomes NaN/Inf, naming ``what``.
+    and ``static`` hashable. Stops after ``steps``, when the relative change of the loss
+    falls below ``tol``, or (``xtol`` given) when no element of ``free`` has changed by
+    more than ``xtol`` over the last ``window`` steps (meaningful where ``free`` is in
+    units of its own uncertainty). Returns (free, history). Raises FloatingPointError
+    when the loss becomes NaN/Inf, naming ``what``.
     """
     state = _LBFGS.init(free)
     history = []
     prev = np.inf
+    mark = free
     for i in range(steps):
         new, state, value = _step(free, state, args, loss=loss, static=static)
         v = float(value)
@@ -46,4 +56,8 @@ def minimize(loss, free, args, *, static, steps=200, tol=1e-7, progress=None, wh
         if abs(prev - v) <= tol * max(abs(v), 1e-12) and i > 10:
             break
         prev = v
+        if xtol is not None and (i + 1) % window == 0:
+            if _max_change(free, mark) <= xtol:
+                break
+            mark = free
     return free, history

@@ -101,7 +101,8 @@ class RefineResult:
     model: the fitted ``Model`` (``model.model_image()``; all particles, also those whose
         centres lie just outside).
     noise: the ``NoiseModel``.
-    stats: dict with rounds, added, removed, steps, final chi^2 per voxel, seconds,
+    stats: dict with rounds, added, removed, steps (of all joint fits), joint_fits, final
+        chi^2 per voxel, seconds,
         seconds_by_phase (shape fit, joint fit, add, remove), ...
     """
 
@@ -116,19 +117,23 @@ class RefineResult:
 
 
 def _joint_loss(free, psf, data, w, mask, pairs, pair_mask, rbounds, *, static):
-    """chi^2 per voxel of positions, radii, amplitudes and background with the PSF held,
-    plus a hard-sphere overlap penalty.
+    """chi^2 per voxel of the model (positions, radii, amplitudes, background, PSF), plus
+    a hard-sphere overlap penalty: the objective of every fit in ``refine_positions``.
 
-    The PSF is held here and learned in alternation with the positions held
-    (``model.fit_parameters``): a common z shift of every particle and the opposite shift
-    of an asymmetric PSF give the same image, so fitting both at once lets the positions
-    drift along that direction (measured: 0.3-0.5 voxel in z on PERI stacks).
+    Those fits never free the positions and the PSF together: a common z shift of every
+    particle and the opposite shift of an asymmetric PSF give the same image, so fitting
+    both at once lets the positions drift along that direction (measured: 0.3-0.5 voxel
+    in z on PERI stacks). The PSF is learned with the positions held and the positions
+    with the PSF held, in alternation.
     """
     geom, (plo, phi), overlap = static
     rlo, rhi = rbounds[0], rbounds[1]  # traced (static would recompile for every radius)
-    pos, radius, amplitude, background = free
-    pos = jnp.clip(pos, jnp.asarray(plo), jnp.asarray(phi))
+    pos_free, radius, amplitude, background = free
+    pos = jnp.clip(pos_free, jnp.asarray(plo), jnp.asarray(phi))
     R = jnp.clip(radius, rlo, rhi)
+    # soft walls beyond the clips: a parameter past its bound must still feel the loss,
+    # or a quasi-Newton step carries it off along the flat direction
+    wall = jnp.sum((pos_free - pos) ** 2, axis=1) + ((radius - R) / rlo) ** 2
     params = Params(Particles(pos, R, amplitude * mask), psf, background)
     r = data - render(params, geom)
     chi2 = jnp.sum(w * r * r)
@@ -136,8 +141,45 @@ def _joint_loss(free, psf, data, w, mask, pairs, pair_mask, rbounds, *, static):
     i, j = pairs[:, 0], pairs[:, 1]
     d = jnp.sqrt(jnp.sum(((pos[i] - pos[j]) * vs) ** 2, axis=1) + 1e-12)
     ov = jnp.maximum(overlap * (R[i] + R[j]) - d, 0.0) / (0.5 * (R[i] + R[j]))
-    pen = 1e4 * jnp.sum(pair_mask * mask[i] * mask[j] * ov * ov)
+    pen = 1e4 * (jnp.sum(pair_mask * mask[i] * mask[j] * ov * ov) + jnp.sum(mask * wall))
     return (chi2 + pen) / data.size
+
+
+def _from_whitened(u, base, M, s_off):
+    """The joint fit's parameters at whitened coordinates ``u`` = (per particle (n, 5),
+    background offset coefficients), ``base`` = (positions, radii, amplitudes,
+    background) being u = 0: particle i's (z, y, x, amplitude, radius) is
+    base_i + M_i u_i, every offset coefficient base + s u; the illumination is held."""
+    up, uoff = u
+    pos, rad, amp, bg = base
+    th = jnp.einsum("nij,nj->ni", M, up)
+    return (pos + th[:, :3], rad + th[:, 4], amp + th[:, 3],
+            dataclasses.replace(bg, offset=bg.offset + s_off * uoff))
+
+
+def _whitened_loss(u, base, M, s_off, *args, static):
+    """``_joint_loss`` at whitened coordinates (``_from_whitened``). With M_i M_i^T the
+    inverse of particle i's own Fisher block and s the inverse square root of each offset
+    coefficient's curvature, the curvature is about the identity for every particle, its
+    amplitude-radius and position-radius correlations included: L-BFGS, whose few-vector
+    memory cannot learn thousands of separate 5x5 curvatures, is left with the
+    neighbours' coupling only, and a step of 1 is one standard deviation."""
+    return _joint_loss(_from_whitened(u, base, M, s_off), *args, static=static)
+
+
+@partial(jax.jit, static_argnames=("geom",))
+def _offset_scales(params: Params, w, geom):
+    """1 / sqrt(sum_v w (d model / d c)^2) for every coefficient c of the background
+    offset (the Gauss-Newton diagonal), in the shape of ``params.background.offset``."""
+    bg = params.background
+
+    def column(e):
+        f = lambda o: render(dataclasses.replace(  # noqa: E731
+            params, background=dataclasses.replace(bg, offset=o)), geom)
+        return jnp.sum(w * jax.jvp(f, (bg.offset,), (e.reshape(bg.offset.shape),))[1] ** 2)
+
+    c = jax.lax.map(column, jnp.eye(bg.offset.size, dtype=bg.offset.dtype)).reshape(bg.offset.shape)
+    return jnp.where(c > 0, 1.0 / jnp.sqrt(jnp.where(c > 0, c, 1.0)), 0.0)
 
 
 def _clamp(params: Params, mask, static, rbounds) -> Params:
@@ -211,6 +253,23 @@ def _interp_tables(R, radii_grid, Gs):
     k = np.clip(np.floor(t).astype(int), 0, len(radii_grid) - 2)
     f = (t - k)[:, None, None]
     return Gs[k] * (1 - f) + Gs[k + 1] * f
+
+
+def _fisher_blocks(params: Params, idx, w, geom, amplitude_floor=0.0):
+    """Each particle's own Fisher block (5x5: z, y, x in voxels, amplitude, radius) for
+    the particles ``idx``: the unit table at its radius times its amplitude, the
+    illumination and the mean weight around it (neighbours ignored). Amplitudes are
+    taken at least ``amplitude_floor`` in magnitude."""
+    R = np.asarray(params.particles.radius)[idx]
+    a = np.asarray(params.particles.amplitude)[idx]
+    a = np.where(a < 0, -1.0, 1.0) * np.maximum(np.abs(a), amplitude_floor)
+    pos = np.asarray(params.particles.pos)[idx]
+    radii_grid = np.unique(np.quantile(R, [0.0, 0.5, 1.0]))
+    G = _interp_tables(R, radii_grid, _fisher_tables(radii_grid, params.psf, geom))
+    Lf = np.asarray(stack_region(illumination_field(params.background, geom), geom))
+    wc = _local_mean(np.asarray(w), pos, np.median(R) / np.asarray(geom.voxel_size))
+    D = np.stack([a, a, a, np.ones_like(a), a], axis=1)
+    return G * (D[:, :, None] * D[:, None, :]) * (wc * _at_voxels(Lf, pos) ** 2)[:, None, None]
 
 
 def _at_voxels(field, pos):
@@ -316,7 +375,7 @@ def _gain_map(resid_w, w, params: Params, geom, R, sign, reach):
 
 
 def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="auto",
-                     max_rounds=6, steps=150, shape_steps=150, penalty=None, overlap=0.7,
+                     max_rounds=6, steps=150, shape_steps=150, xtol=0.02, penalty=None, overlap=0.7,
                      noise=None, polish=2, min_amplitude=0.4, progress=False,
                      verbose=False, psf=None) -> RefineResult:
     """Refine rough centres to the best positions the light allows, add the missed
@@ -330,8 +389,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     radius : particle radius (unit of voxel_size); None estimates it from the positions.
     invert : "auto", True (dark particles) or False.
     max_rounds : rounds of fit / remove / add.
-    steps : L-BFGS steps per joint fit; shape_steps: per shape fit (the first one and
-        those of every round and polish pass).
+    steps : most L-BFGS steps per joint fit; shape_steps: per shape fit (the first one
+        and those of every round and polish pass).
+    xtol : a joint fit stops when no parameter has moved more than this many of its own
+        standard deviations in the last 5 steps.
     penalty : chi^2 a particle must explain to be kept or added; default 5 ln(n_voxels).
     overlap : centres closer than overlap * (R_i + R_j) are an overlap (hard spheres touch
         at 1); the weaker of such a pair is removed, and the fit is penalised below it.
@@ -361,6 +422,13 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     centre, scale = _normalise(image)
     data_n = jnp.asarray((image.astype(np.float32) - np.float32(centre)) / np.float32(scale))
     params = to_normalised_units(shape_model.params, centre, scale)
+    # no illumination field (L = 1): every particle's amplitude is free, which takes up
+    # the slow changes of brightness; all L could add is a gradient across a particle,
+    # which moves its light as a common shift of the positions would (a near-degenerate
+    # direction no fit converges along), and extrapolated to the faces it can near zero
+    # (then a particle added there gets an absurd amplitude)
+    bg = params.background
+    params = dataclasses.replace(params, background=dataclasses.replace(bg, illum=jnp.zeros_like(bg.illum)))
     a0 = np.asarray(params.particles.amplitude)
     sign = 1.0 if np.median(a0) >= 0 else -1.0
     R0 = float(np.median(np.asarray(params.particles.radius)))
@@ -396,7 +464,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     params, mask = grow(params, mask, cap)
     pair_cap = 1024
     stats = dict(rounds=0, added=0, removed=0, removed_overlap=0, removed_gain=0,
-                 removed_implausible=0, steps=0, penalty=penalty)
+                 removed_implausible=0, steps=0, joint_fits=0, penalty=penalty)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -421,18 +489,35 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
 
     @timed("joint fit")
     def joint_fit(params, w):
-        reach = 2.2 * float(np.max(np.asarray(params.particles.radius)[mask > 0]))
-        pos_phys = np.asarray(params.particles.pos) * np.asarray(vs_eff)
+        """L-BFGS on positions, radii, amplitudes and background offset (PSF and
+        illumination held) at whitened coordinates (``_whitened_loss``); stops when no
+        parameter moved more than ``xtol`` of its standard deviation in 5 steps."""
+        act = np.flatnonzero(mask > 0)
+        M = np.broadcast_to(np.eye(5), (mask.size, 5, 5)).copy()  # empty slots
+        if len(act):
+            med = float(np.median(np.abs(np.asarray(params.particles.amplitude)[act])))
+            F = _fisher_blocks(params, act, w, geom, amplitude_floor=0.3 * med)
+            d = np.diagonal(F, axis1=1, axis2=2)
+            F = F + np.eye(5)[None] * (1e-6 * d[:, None, :] + 1e-30)
+            M[act] = np.swapaxes(np.linalg.inv(np.linalg.cholesky(F)), 1, 2)  # L^-T
+        M = jnp.asarray(M, jnp.float32)
+        s_off = _offset_scales(params, jnp.asarray(w), geom)
+        p = params.particles
+        base = (p.pos, p.radius, p.amplitude, params.background)
+        reach = 2.2 * float(np.max(np.asarray(p.radius)[act])) if len(act) else 1.0
         nonlocal pair_cap
-        pairs, pair_mask, pair_cap = _pairs(pos_phys, mask, reach, pair_cap)
-        free = (params.particles.pos, params.particles.radius, params.particles.amplitude,
-                params.background)
-        free, hist = minimize(_joint_loss, free, (params.psf, data_n, jnp.asarray(w),
-                                                  jnp.asarray(mask), pairs, pair_mask, rbounds),
-                              static=static, steps=steps, what="joint fit")
+        pairs, pair_mask, pair_cap = _pairs(np.asarray(p.pos) * np.asarray(vs_eff), mask,
+                                            reach, pair_cap)
+        u = (jnp.zeros((mask.size, 5), jnp.float32), jnp.zeros_like(s_off))
+        u, hist = minimize(_whitened_loss, u, (base, M, s_off, params.psf, data_n,
+                                               jnp.asarray(w), jnp.asarray(mask), pairs,
+                                               pair_mask, rbounds),
+                           static=static, steps=steps, xtol=xtol, what="joint fit")
         stats["steps"] += len(hist)
-        p = _clamp(Params(Particles(*free[:3]), params.psf, free[3]), jnp.asarray(mask), static, rbounds)
-        return p, hist
+        stats["joint_fits"] += 1
+        pos, rad, amp, bg = _from_whitened(u, base, M, s_off)
+        return _clamp(Params(Particles(pos, rad, amp), params.psf, bg), jnp.asarray(mask),
+                      static, rbounds), hist
 
     @timed("remove")
     def remove_step(params, use_gain=True):
@@ -543,7 +628,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         m, w = weights(params)
         shape_p, hist = fit_parameters(params, data_n, geom, radius=R0, weight=jnp.asarray(w),
                                        steps=shape_steps, amplitude_mask=jnp.asarray(mask),
-                                       hold_psf=hold_psf)
+                                       hold_psf=hold_psf, hold_illum=True)
         return _clamp(shape_p, jnp.asarray(mask), static, rbounds), hist
 
     # fit_shape left the faces out; fit the background and shape to every voxel (centres
@@ -608,13 +693,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     R = np.asarray(params.particles.radius)[act]
     a = np.asarray(params.particles.amplitude)[act]
     pos = np.asarray(params.particles.pos)[act]
-    radii_grid = np.unique(np.quantile(R, [0.0, 0.5, 1.0]))
-    G = _interp_tables(R, radii_grid, _fisher_tables(radii_grid, params.psf, geom))
-    Lf = np.asarray(stack_region(illumination_field(params.background, geom), geom))
-    wc = _local_mean(w, pos, np.median(R) / np.asarray(vs_eff))
-    scale_i = wc * _at_voxels(Lf, pos) ** 2
-    D = np.stack([a, a, a, np.ones_like(a), a], axis=1)
-    F = G * (D[:, :, None] * D[:, None, :]) * scale_i[:, None, None]
+    F = _fisher_blocks(params, act, w, geom)
     F = F + np.eye(5)[None] * 1e-9 * np.trace(F, axis1=1, axis2=2)[:, None, None]
     cov = np.linalg.inv(F)
     sig = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2)[:, :3], 0, None))

@@ -34,3 +34,16 @@ def test_minimize_never_hands_on_nan_parameters():
     with pytest.raises(FloatingPointError, match="shape fit diverged"):
         minimize(_bowl, jnp.asarray([np.nan, 0.0, 0.0]), (jnp.zeros(3),), static=None,
                  steps=20, what="shape fit")
+
+
+def test_minimize_stops_when_the_parameters_stop_moving():
+    # a well-scaled bowl: converged to well within xtol long before the step limit
+    centre = jnp.asarray([1.0, -2.0, 3.0])
+    # (tol=-1 switches the loss-change rule off)
+    free, hist = minimize(_bowl, jnp.zeros(3), (centre,), static=None, steps=200, tol=-1.0,
+                          xtol=1e-3)
+    assert len(hist) < 50
+    np.testing.assert_allclose(np.asarray(free), np.asarray(centre), atol=1e-3)
+    # without xtol it runs every step
+    _, hist = minimize(_bowl, jnp.zeros(3), (centre,), static=None, steps=60, tol=-1.0)
+    assert len(hist) == 60

@@ -106,7 +106,9 @@ class Tracked:
         classical detector also gives ``mass``, its matched-filter value in image units),
         and z_um, y_um, x_um when the voxel size is known. Best first.
     data : the ``Preprocessed`` stack.
-    detector : "classical" or "unet" (the one that ran).
+    detector : "classical", "unet" (the one that ran) or "unet+classical" (the U-Net with
+        the classical detector's centres in the regions where it was unsure; the table
+        then has a ``detector`` column).
     seconds : time taken.
     """
 
@@ -491,6 +493,63 @@ def _implied_volume_fraction(n, radius_vox, shape):
     return n * 4.0 / 3.0 * math.pi * float(np.prod(radius_vox)) / float(np.prod(shape))
 
 
+def _classical(data, threshold, separation) -> pd.DataFrame:
+    """The classical detector's centres: z, y, x, score (matched-filter value over its
+    noise) and mass."""
+    rv = data.radius_vox
+    kw = {} if separation is None else {"separation": separation}
+    df = find_peaks(data.image, rv, invert=data.invert, threshold=threshold, **kw)
+    fn = filtered_noise(data.image, rv)
+    score = df["mass"].to_numpy(np.float64) / fn if fn > 0 else df["mass"].to_numpy()
+    return pd.DataFrame({"z": df["z"].to_numpy(np.float64), "y": df["y"].to_numpy(np.float64),
+                         "x": df["x"].to_numpy(np.float64), "score": score,
+                         "mass": df["mass"].to_numpy(np.float64)})
+
+
+REGION_RADII = 8  # edge of a region of the per-region fallback, in particle radii
+
+
+def _regions(pos, shape, radius_vox):
+    """Region index of each centre, region volumes (voxels): the stack cut into about
+    REGION_RADII radii a side along every axis."""
+    edges = [np.linspace(-0.5, n - 0.5, max(1, round(n / (REGION_RADII * r))) + 1)
+             for n, r in zip(shape, radius_vox)]
+    idx = [np.clip(np.searchsorted(e, pos[:, k], side="right") - 1, 0, len(e) - 2)
+           for k, e in enumerate(edges)]
+    nb = tuple(len(e) - 1 for e in edges)
+    vol = np.einsum("i,j,k->ijk", *[np.diff(e) for e in edges]).ravel()
+    return np.ravel_multi_index(idx, nb), vol
+
+
+def _regional_fallback(unet, classical, radius_vox, shape):
+    """The U-Net's centres, with the classical detector's in the regions where the
+    U-Net is unsure: its count there implies a volume fraction above DENSEST_PACKING, or
+    it finds fewer than half of the classical detector's centres (at least 8 of them).
+    Returns (table, detector); the table gains a ``detector`` column when the classical
+    detector filled any region."""
+    pu = unet[["z", "y", "x"]].to_numpy(np.float64).reshape(-1, 3)
+    pc = classical[["z", "y", "x"]].to_numpy(np.float64).reshape(-1, 3)
+    ru, vol = _regions(pu, shape, radius_vox)
+    rc, _ = _regions(pc, shape, radius_vox)
+    nu = np.bincount(ru, minlength=len(vol))
+    nc = np.bincount(rc, minlength=len(vol))
+    phi = nu * 4.0 / 3.0 * math.pi * float(np.prod(radius_vox)) / vol
+    unsure = (phi > DENSEST_PACKING) | ((nc >= 8) & (nu < 0.5 * nc))
+    if not unsure.any():
+        return unet, "unet"
+    warnings.warn(
+        f"the U-Net is unsure in {int(unsure.sum())} of {len(vol)} regions of the stack (too "
+        "many centres for spheres to fill, or fewer than half of the classical detector's): "
+        f"the classical detector's centres are used there ({int(unsure[rc].sum())} centres; "
+        "column 'detector'). Check the radius, or fine-tune the U-Net "
+        "(difftrack train --from-shape)", stacklevel=3)
+    cols = ["z", "y", "x", "score"]
+    df = pd.concat([unet.loc[~unsure[ru], cols].assign(detector="unet"),
+                    classical.loc[unsure[rc], cols].assign(detector="classical")],
+                   ignore_index=True)
+    return df, "unet+classical"
+
+
 def track(data, *, detector="auto", threshold=None, separation=None, weights=None) -> Tracked:
     """Detect particle centres.
 
@@ -501,7 +560,9 @@ def track(data, *, detector="auto", threshold=None, separation=None, weights=Non
     detector : "auto" (the U-Net when ``difftrack.neural`` is installed with its weights,
         else the classical one; also the classical one, with a warning, where the U-Net is
         unsure: when its count would fill more than 0.74 of the stack, which no packing of
-        spheres can), "classical" (matched filter + local maxima,
+        spheres can, and region by region (about 8 radii a side) where its count would
+        fill more than that or is under half of the classical detector's; those rows are
+        marked "classical" in a ``detector`` column), "classical" (matched filter + local maxima,
         ``difftrack.detect.find_peaks``) or "unet" (``difftrack.neural.detect``).
     threshold : detection threshold of the detector (classical: matched-filter value in
         image units, default 5 noise sigmas; unet: likelihood 0-1, default the weights').
@@ -511,7 +572,8 @@ def track(data, *, detector="auto", threshold=None, separation=None, weights=Non
 
     Returns
     -------
-    Tracked, with ``.particles`` (z, y, x, score[, mass][, z_um, y_um, x_um]) best first.
+    Tracked, with ``.particles`` (z, y, x, score[, mass][, detector][, z_um, y_um, x_um])
+    best first.
     """
     if detector not in DETECTORS:
         raise ValueError(f"detector must be one of {', '.join(DETECTORS)}; got {detector!r}")
@@ -548,15 +610,11 @@ def track(data, *, detector="auto", threshold=None, separation=None, weights=Non
                 "(difftrack train --from-shape)", stacklevel=2)
             neural = None
             threshold = None  # the U-Net's threshold is a likelihood, not a filter value
+        elif detector == "auto":
+            df, used = _regional_fallback(df, _classical(data, None, separation), rv, data.shape)
     if neural is None:
-        kw = {} if separation is None else {"separation": separation}
-        df = find_peaks(data.image, rv, invert=data.invert, threshold=threshold, **kw)
+        df = _classical(data, threshold, separation)
         used = "classical"
-        fn = filtered_noise(data.image, rv)
-        score = df["mass"].to_numpy(np.float64) / fn if fn > 0 else df["mass"].to_numpy()
-        df = pd.DataFrame({"z": df["z"].to_numpy(np.float64), "y": df["y"].to_numpy(np.float64),
-                           "x": df["x"].to_numpy(np.float64), "score": score,
-                           "mass": df["mass"].to_numpy(np.float64)})
     df = _add_um(df, data.voxel_size)
     return Tracked(particles=df, data=data, detector=used, seconds=time.perf_counter() - t0)
 

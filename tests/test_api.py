@@ -438,3 +438,182 @@ def test_auto_falls_back_region_by_region(monkeypatch):
         from_classical = df[df["detector"] == "classical"]
         assert len(from_classical) == (classical["x"] > edge).sum() > 8
         assert (from_classical["x"] > edge).all()
+
+
+def test_refine_rejects_unknown_options(sim):
+    found = dt.track(dt.preprocess(sim.image, voxel_size=VS, radius=R))
+    with pytest.raises(TypeError, match="max_round"):
+        dt.refine(found, max_round=2)
+    with pytest.raises(TypeError, match="radius"):
+        dt.refine(found, radius=0.3)
+
+
+def test_refine_with_nothing_detected_gives_an_empty_table(sim):
+    found = dt.track(dt.preprocess(sim.image, voxel_size=VS, radius=R), detector="classical",
+                     threshold=1e9)
+    assert len(found.particles) == 0
+    with pytest.warns(UserWarning, match="no particle"):
+        res = dt.refine(found)
+    assert list(res.particles.columns) == REFINED_COLUMNS and len(res.particles) == 0
+    with pytest.raises(ValueError, match="no particle"):
+        res.model_image()
+
+
+# ----------------------------------------------------------------------------------------
+# bad input: a clear message, nothing written
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
+def test_every_real_dtype_works(sim, dtype):
+    img = sim.image.astype(np.float64)
+    if dtype == np.uint8:
+        img = (img - img.min()) / (img.max() - img.min()) * 250
+    img = img.astype(dtype)
+    found = dt.track(dt.preprocess(img, voxel_size=VS, radius=R))
+    assert found.data.image.dtype == dtype
+    s = _score(found.particles, sim)
+    assert s.recall >= 0.8 and s.precision >= 0.8, s
+
+
+def _bad_arrays():
+    rng = np.random.default_rng(0)
+    nan = rng.normal(size=(8, 16, 16)).astype(np.float32)
+    nan[2, 3, 4] = np.nan
+    return {
+        "2D": (rng.normal(size=(16, 16)), "2D"),
+        "5D": (rng.normal(size=(2, 2, 4, 8, 8)), "5D"),
+        "NaN": (nan, "NaN"),
+        "all-zero": (np.zeros((8, 16, 16), np.uint16), "constant"),
+        "constant": (np.full((8, 16, 16), 7.5, np.float32), "constant"),
+        "bool": (np.zeros((8, 16, 16), bool), "boolean"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_arrays()))
+def test_bad_arrays_raise_naming_the_problem(case):
+    arr, word = _bad_arrays()[case]
+    with pytest.raises((ValueError, TypeError), match=word):
+        dt.preprocess(arr)
+    with pytest.raises((ValueError, TypeError), match=word):
+        dt.locate(arr)
+
+
+def test_4d_array_to_preprocess_points_to_locate():
+    with pytest.raises(ValueError, match="locate"):
+        dt.preprocess(np.random.default_rng(0).normal(size=(2, 8, 16, 16)))
+
+
+@pytest.mark.parametrize("radius, word", [(0, "positive"), (-1.0, "positive"),
+                                           (float("nan"), "positive"),
+                                           (float("inf"), "positive"),
+                                           (100.0, "larger than the stack"),
+                                           (0.01, "below half a voxel"),
+                                           ("big", "number"), (True, "number")])
+def test_absurd_radius_raises(sim, radius, word):
+    with pytest.raises((ValueError, TypeError), match=word):
+        dt.preprocess(sim.image, voxel_size=VS, radius=radius)
+
+
+def test_bad_voxel_size_and_invert_raise(sim):
+    with pytest.raises(ValueError, match="voxel_size"):
+        dt.preprocess(sim.image, voxel_size=(0.2, 0, 0.1))
+    with pytest.raises(ValueError, match="invert"):
+        dt.preprocess(sim.image, invert="dark")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        dt.preprocess("/nonexistent/stack.tif")
+
+
+def _write_bad(path, case):
+    if case in ("2D", "5D", "NaN", "all-zero", "constant"):
+        arr, _ = _bad_arrays()[case]
+        tifffile.imwrite(path, arr, photometric="minisblack")
+    return path
+
+
+CLI_BAD = [
+    # (name, input case or None, extra args, output name, word in the message)
+    ("2D", "2D", [], "out.csv", "2D"),
+    ("5D", "5D", [], "out.csv", "5D"),
+    ("NaN", "NaN", [], "out.csv", "NaN"),
+    ("all-zero", "all-zero", [], "out.csv", "constant"),
+    ("constant", "constant", [], "out.csv", "constant"),
+    ("missing file", None, [], "out.csv", "no such file"),
+    ("missing output folder", "ok", [], "nodir/out.csv", "nodir"),
+    ("output folder is a file", "ok", [], "in.tif/out.csv", "not a directory"),
+    ("unknown table type", "ok", [], "out.txt", "unsupported file type"),
+    ("radius 0", "ok", ["--radius", "0"], "out.csv", "radius"),
+    ("radius larger than the stack", "ok", ["--radius", "500"], "out.csv", "radius"),
+    ("voxel size 0", "ok", ["--voxel-size", "0", "0.1", "0.1"], "out.csv", "voxel_size"),
+]
+
+
+@pytest.mark.parametrize("name, case, extra, outname, word", CLI_BAD,
+                         ids=[c[0] for c in CLI_BAD])
+def test_command_line_bad_input_one_line_and_no_output(sim, tmp_path, capsys, name, case,
+                                                       extra, outname, word):
+    src = tmp_path / "in.tif"
+    if case == "ok":
+        write_stack(src, sim.image, voxel_size=VS)
+    elif case is not None:
+        _write_bad(src, case)
+    before = _files(tmp_path)
+    rc = main(["locate", str(src), "-o", str(tmp_path / outname), *extra])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("difftrack: error: ")
+    assert word in err[0]
+    assert _files(tmp_path) == before  # no output, no temporary file
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
+def test_command_line_reads_every_real_dtype(sim, tmp_path, dtype):
+    img = sim.image.astype(np.float64)
+    if dtype == np.uint8:
+        img = (img - img.min()) / (img.max() - img.min()) * 250
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, img.astype(dtype))  # plain TIFF: no voxel size in the file
+    out = tmp_path / "out.csv"
+    rc = main(["locate", str(src), "-o", str(out), "--no-refine", "-q", "--voxel-size",
+               "0.2", "0.1", "0.1", "--radius", "0.4"])
+    assert rc == 0
+    df = pd.read_csv(out)
+    s = _score(df, sim)
+    assert s.recall >= 0.8 and s.precision >= 0.8, s
+
+
+def test_command_line_writes_parquet(tif, tmp_path):
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "out.parquet"
+    assert main(["locate", str(tif), "-o", str(out), "--no-refine", "-q"]) == 0
+    df = pd.read_parquet(out)
+    assert list(df.columns[:3]) == ["z", "y", "x"] and len(df) > 10
+
+
+@pytest.mark.skipif(not (REAL / "small_confocal_image.tif").exists(),
+                    reason="../shared/data/real not present")
+def test_real_stacks_example_runs_detection_only(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = REPO / "examples" / "real_stacks.py"
+    spec = importlib.util.spec_from_file_location("real_stacks", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["small_confocal_image.tif", "--no-refine", "--out", str(tmp_path)]) == 0
+    assert _files(tmp_path) == ["real_small_confocal_image.png"]
+    assert "dark (auto: True)" in capsys.readouterr().out
+
+
+def test_track_takes_detector_weights_and_refuses_them_for_classical():
+    neural = pytest.importorskip("difftrack.neural")
+    if not neural.available():
+        pytest.skip("no shipped detector weights")
+    sim = dt.simulate((16, 32, 32), voxel_size=(0.2, 0.1, 0.1), radius=0.4,
+                      volume_fraction=0.4, seed=3)
+    data = dt.preprocess(sim.image, voxel_size=sim.voxel_size, radius=0.4)
+    a = dt.track(data, detector="unet")
+    b = dt.track(data, detector="unet", weights=str(neural.DEFAULT_WEIGHTS))
+    pd.testing.assert_frame_equal(a.particles, b.particles)
+    with pytest.raises(ValueError, match="weights"):
+        dt.track(data, detector="classical", weights="other.npz")
+    with pytest.raises((OSError, ValueError)):
+        dt.track(data, detector="unet", weights=str(Path("no") / "such.npz"))

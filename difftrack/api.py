@@ -488,9 +488,10 @@ def _neural_module():
 DENSEST_PACKING = 0.74  # pi / sqrt(18): no packing of equal spheres fills more
 
 
-def _implied_volume_fraction(n, radius_vox, shape):
-    """Volume fraction n equal spheres of ``radius_vox`` (z, y, x voxels) would fill."""
-    return n * 4.0 / 3.0 * math.pi * float(np.prod(radius_vox)) / float(np.prod(shape))
+def _implied_volume_fraction(n, radius_vox, volume):
+    """Volume fraction n equal spheres of ``radius_vox`` (z, y, x voxels) would fill in
+    ``volume`` voxels (n and volume may be arrays, one entry per region)."""
+    return n * 4.0 / 3.0 * math.pi * float(np.prod(radius_vox)) / volume
 
 
 def _classical(data, threshold, separation) -> pd.DataFrame:
@@ -533,8 +534,7 @@ def _regional_fallback(unet, classical, radius_vox, shape):
     rc, _ = _regions(pc, shape, radius_vox)
     nu = np.bincount(ru, minlength=len(vol))
     nc = np.bincount(rc, minlength=len(vol))
-    phi = nu * 4.0 / 3.0 * math.pi * float(np.prod(radius_vox)) / vol
-    unsure = (phi > DENSEST_PACKING) | ((nc >= 8) & (nu < 0.5 * nc))
+    unsure = (_implied_volume_fraction(nu, radius_vox, vol) > DENSEST_PACKING) | ((nc >= 8) & (nu < 0.5 * nc))
     if not unsure.any():
         return unet, "unet"
     warnings.warn(
@@ -600,7 +600,7 @@ def track(data, *, detector="auto", threshold=None, separation=None, weights=Non
         df = neural.detect(data.image, rv, invert=data.invert, **kw)
         used = "unet"
         df = df[["z", "y", "x", "score"]].reset_index(drop=True)
-        phi = _implied_volume_fraction(len(df), rv, data.shape)
+        phi = _implied_volume_fraction(len(df), rv, float(np.prod(data.shape)))
         if detector == "auto" and phi > DENSEST_PACKING:
             warnings.warn(
                 f"the U-Net found {len(df)} particles, a volume fraction of {phi:.2f} at radius "

@@ -44,8 +44,9 @@ from .detect import _ellipsoid
 from .model import (Model, _normalise, fit_parameters, fit_shape, to_image_units,
                     to_normalised_units)
 from .optimize import minimize
-from .render import (Geometry, Params, Particles, correlate, gather_patches, illumination_field,
-                     kernel_on_grid, patch_values, render, stack_region, to_canvas)
+from .render import (Geometry, Params, Particles, background_field, correlate, gather_patches,
+                     illumination_field, kernel_on_grid, patch_values, render, stack_region,
+                     to_canvas)
 from .shape import voxel_ball
 
 
@@ -170,12 +171,12 @@ def _whitened_loss(u, base, M, s_off, *args, static):
 @partial(jax.jit, static_argnames=("geom",))
 def _offset_scales(params: Params, w, geom):
     """1 / sqrt(sum_v w (d model / d c)^2) for every coefficient c of the background
-    offset (the Gauss-Newton diagonal), in the shape of ``params.background.offset``."""
+    offset (the Gauss-Newton diagonal), in the shape of ``params.background.offset``.
+    The model depends on the offset only through the additive background field."""
     bg = params.background
 
     def column(e):
-        f = lambda o: render(dataclasses.replace(  # noqa: E731
-            params, background=dataclasses.replace(bg, offset=o)), geom)
+        f = lambda o: background_field(dataclasses.replace(bg, offset=o), geom)  # noqa: E731
         return jnp.sum(w * jax.jvp(f, (bg.offset,), (e.reshape(bg.offset.shape),))[1] ** 2)
 
     c = jax.lax.map(column, jnp.eye(bg.offset.size, dtype=bg.offset.dtype)).reshape(bg.offset.shape)

@@ -1,6 +1,8 @@
 """refine_positions on the dev stacks from degraded truth (issue 4's protocol).
 
-    python benchmarks/refine_dev.py [NAME ...]
+    python benchmarks/refine_dev.py [NAME ...] [--options JSON]
+
+``--options '{"polydispersity": null}'``: keyword arguments for ``refine_positions``.
 
 Start: the true centres jittered by U(-0.5, 0.5) voxel per axis, 10% deleted, 2% spurious
 added uniformly in the stack (seeded). Scored on the interior (one radius from each face):
@@ -31,7 +33,7 @@ def degraded_start(truth, shape, rng):
     return np.clip(np.vstack([start, spurious]), -0.5, np.asarray(shape) - 0.5)
 
 
-def main(names):
+def main(names, options=None):
     crlb = json.loads((DEV / "crlb.json").read_text())
     rows = []
     for name in names:
@@ -42,7 +44,7 @@ def main(names):
         vse = np.asarray(vs or (1.0, 1.0, 1.0))
         start = degraded_start(truth, st.image.shape, np.random.default_rng(0))
         t0 = time.perf_counter()
-        res = refine_positions(st.image, start, voxel_size=vs, radius=rad)
+        res = refine_positions(st.image, start, voxel_size=vs, radius=rad, **(options or {}))
         dt = time.perf_counter() - t0
         f = res.particles[["z", "y", "x"]].to_numpy()
         t = truth[["z", "y", "x"]].to_numpy()
@@ -67,4 +69,10 @@ def main(names):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or NAMES)
+    argv = sys.argv[1:]
+    opts = None
+    if "--options" in argv:
+        k = argv.index("--options")
+        opts = json.loads(argv[k + 1])
+        del argv[k:k + 2]
+    main(argv or NAMES, opts)

@@ -132,8 +132,22 @@ def _radius_bounds(geom: Geometry, radius):
     return 0.3 * radius, hi
 
 
+def radius_spread_penalty(R, mask, kappa):
+    """kappa * sum_i mask_i (R_i - mean R)^2, the mean over the particles of ``mask``: a
+    Gaussian prior on how far each radius lies from the common one. It leaves the common
+    radius free (zero gradient along a shift of every radius) and holds a radius the light
+    does not define: in a blurred, dense stack a particle's radius, its amplitude and its
+    neighbours' trade light almost freely, and without the prior some radii run to the
+    lower bound (their particles then look implausible and are removed) while their
+    neighbours swell."""
+    mean = jnp.sum(mask * R) / jnp.maximum(jnp.sum(mask), 1.0)
+    return kappa * jnp.sum(mask * (R - mean) ** 2)
+
+
 def _loss(free, pos, data, weight, amplitude_mask, bounds, *, static):
-    """Weighted mean squared residual of the normalised image, plus weak priors."""
+    """Weighted mean squared residual of the normalised image, plus weak priors.
+    ``bounds``: (lowest radius, highest radius, curvature of the radius-spread prior in
+    the units of sum(weight r^2): ``radius_spread_penalty``)."""
     geom, hold_psf, hold_illum = static
     lo, hi = bounds[0], bounds[1]  # traced: a new radius does not recompile the step
     radius, amplitude, psf, background = free
@@ -144,8 +158,9 @@ def _loss(free, pos, data, weight, amplitude_mask, bounds, *, static):
     params = Params(Particles(pos, jnp.clip(radius, lo, hi), amplitude * amplitude_mask), psf,
                     background)
     r = data - render(params, geom)
+    spread = radius_spread_penalty(jnp.clip(radius, lo, hi), amplitude_mask, bounds[2])
     prior = 1e-4 * jnp.sum(background.illum**2)
-    return jnp.sum(weight * r * r) / jnp.sum(weight) + prior
+    return (jnp.sum(weight * r * r) + spread) / jnp.sum(weight) + prior
 
 
 def border_weight(shape, border):
@@ -170,14 +185,16 @@ def border_weight(shape, border):
 
 def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, weight=None, steps=200,
                    tol=1e-7, progress=None, amplitude_mask=None, hold_psf=False,
-                   hold_illum=False):
+                   hold_illum=False, radius_prior=0.0):
     """L-BFGS on radii, amplitudes, PSF and background with positions held.
 
     ``data_n``: the normalised image (float32 jax array); ``weight``: per-voxel weight of
     the residual (default 1); ``amplitude_mask``: 1 for particles that exist, 0 for empty
     slots of a fixed-capacity buffer (default all 1); ``hold_psf``: keep the PSF as given
     (fit only radii, amplitudes and background); ``hold_illum``: keep the illumination
-    field as given; returns (params, history).
+    field as given; ``radius_prior``: curvature of the radius-spread prior
+    (``radius_spread_penalty``) in the units of sum(weight r^2) (0: none); returns
+    (params, history).
     """
     weight = jnp.ones(geom.shape, jnp.float32) if weight is None else jnp.asarray(weight)
     n = params.particles.amplitude.shape[0]
@@ -185,7 +202,8 @@ def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, weight=Non
     bounds = _radius_bounds(geom, radius)
     free = (params.particles.radius, params.particles.amplitude, params.psf, params.background)
     pos = params.particles.pos
-    free, history = minimize(_loss, free, (pos, data_n, weight, amask, jnp.asarray(bounds, jnp.float32)),
+    bounds3 = jnp.asarray([*bounds, radius_prior], jnp.float32)
+    free, history = minimize(_loss, free, (pos, data_n, weight, amask, bounds3),
                              static=(geom, bool(hold_psf), bool(hold_illum)),
                              steps=steps, tol=tol, progress=progress, what="shape fit")
     radius_, amplitude, psf, background = free

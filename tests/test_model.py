@@ -126,3 +126,20 @@ def test_a_given_psf_is_held_and_the_rest_is_fitted(sim, fitted):
     assert again.loss == pytest.approx(model.loss, rel=0.1)  # amplitudes, radii, background fit (measured +5%)
     with pytest.raises(TypeError, match="psf"):
         fit_shape(image, pos, voxel_size=sim.voxel_size, radius=0.4, steps=5, psf="gaussian")
+
+
+def test_radius_spread_prior_leaves_the_common_radius_free():
+    import jax
+    import jax.numpy as jnp
+
+    from difftrack.model import radius_spread_penalty
+
+    R = jnp.asarray([0.40, 0.44, 0.36, 0.9], jnp.float32)
+    mask = jnp.asarray([1.0, 1.0, 1.0, 0.0], jnp.float32)  # an empty slot: not counted
+    kappa = 100.0
+    p = float(radius_spread_penalty(R, mask, kappa))
+    assert p == pytest.approx(kappa * (0.0**2 + 0.04**2 + 0.04**2), rel=1e-4)
+    assert float(radius_spread_penalty(R + 0.05, mask, kappa)) == pytest.approx(p, rel=1e-4)
+    g = np.asarray(jax.grad(radius_spread_penalty)(R, mask, kappa))
+    assert abs(g[:3].sum()) < 1e-4 and g[3] == 0  # no pull on the common radius
+    assert g[1] > 0 > g[2]  # each radius is pulled towards the others

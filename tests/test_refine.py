@@ -141,3 +141,32 @@ def test_whitening_makes_each_particles_own_curvature_the_identity(sim):
         # particle: within tens of percent, where the raw blocks span orders of magnitude
         assert 0.6 < ev.min() and ev.max() < 1.7, ev
         assert np.linalg.cond(F) > 100
+
+
+def test_joint_fits_first_step_is_about_a_newton_step(sim):
+    # the whitened loss is chi^2 / 2 with about unit curvature per particle: its plain
+    # negative gradient (L-BFGS's first step) undoes one particle's displacement to within
+    # tens of percent (per voxel, as it used to be, that step was ~1e-5 of it and the fit
+    # could stop before it had started)
+    import jax
+
+    from difftrack.refine import _fisher_blocks, _offset_scales, _whitened_loss
+
+    p, g = sim.params, sim.geometry
+    data = render(p, g)
+    w = jnp.asarray(1.0 / sim.noise_variance, jnp.float32)
+    pos = np.asarray(p.particles.pos)
+    n = len(pos)
+    i = int(np.argmin(np.linalg.norm(pos - np.asarray(g.shape) / 2, axis=1)))
+    shift = np.asarray([0.2, -0.3, 0.3], np.float32)
+    base = (p.particles.pos.at[i].add(shift), p.particles.radius, p.particles.amplitude, p.background)
+    F = _fisher_blocks(p, np.arange(n), np.asarray(w), g)
+    M = jnp.asarray(np.swapaxes(np.linalg.inv(np.linalg.cholesky(F)), 1, 2), jnp.float32)
+    s_off = _offset_scales(p, w, g)
+    static = (g, ((-50.0,) * 3, (50.0,) * 3), 0.7)
+    args = (p.psf, data, w, jnp.ones(n, jnp.float32), jnp.zeros((8, 2), jnp.int32),
+            jnp.zeros(8, jnp.float32), jnp.asarray([0.1, 1.0, 0.0], jnp.float32))
+    u0 = (jnp.zeros((n, 5), jnp.float32), jnp.zeros_like(s_off))
+    grad = jax.grad(lambda u: _whitened_loss(u, base, M, s_off, *args, static=static))(u0)
+    step = np.asarray(M[i] @ -grad[0][i])
+    np.testing.assert_allclose(step[:3], -shift, atol=0.35 * np.abs(shift).max())

@@ -657,13 +657,6 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     # held) so that the first residual shows missing particles, not a background error
     params, hist = shape_fit(params)
     history += hist
-    # what that fit makes implausible (e.g. a radius pressed to its lower bound) goes before
-    # the first position fit: its near-zero Fisher block would make its whitened gradient
-    # hundreds of times the others' and set L-BFGS's first steps (measured on a blurred,
-    # dense stack: the fit crawled, and its xtol stop fired after 5 steps)
-    params, n0, _, counts = remove_step(params, use_gain=False)
-    if verbose and n0:
-        print(f"after the first shape fit: removed {n0} {counts}")
     if measure_noise:
         noise_n = estimate_noise(np.asarray(data_n), np.asarray(render(params, geom)))
     for rnd in range(max_rounds):

@@ -5,9 +5,11 @@
 A simulated stack whose PSF lies outside the general model's training range (z elongation
 above 3 at a small radius, dense; or, with ``--sigma-xy``, a lateral PSF std above the
 training range of 0.12-0.4 radius) is written to a TIFF; `difftrack train --from-shape`'s
-path learns its shape (``training.learn_shape``: detector -> ``fit_shape``) and fine-tunes
-the shipped weights on renders with that shape. Recall / precision of the neural detector
-before and after, on that stack and on a held-out stack of the same kind (another seed).
+path learns its shape (``training.learn_shape``: track -> refine, whose fitted model holds
+the shape) and fine-tunes the shipped weights on renders with that shape. Recall /
+precision of the neural detector before and after, on that stack and on a held-out stack
+of the same kind (another seed). ``--true-shape``: fine-tune on the simulator's own PSF
+instead (the control: what a perfectly learned shape would give).
 """
 
 import argparse
@@ -46,6 +48,8 @@ def main():
     ap.add_argument("--phi", type=float, default=0.58)
     ap.add_argument("--sigma-xy", type=float, default=None,
                     help="lateral PSF std in radii (default: simulate's, 0.25)")
+    ap.add_argument("--true-shape", action="store_true",
+                    help="fine-tune on the simulator's PSF instead of the learned one")
     args = ap.parse_args()
     radius = 0.1 * args.radius_px
     shape = (40, 64, 64)
@@ -61,9 +65,17 @@ def main():
         write_stack(stack, user.image, voxel_size=VS)
         t0 = time.perf_counter()
         model, cnr = training.learn_shape(stack, radius=radius)
+        t_shape = time.perf_counter() - t0
+        learned = dict(psf_std_z_xy=[round(float(v), 4) for v in model.psf.moments()],
+                       radius=round(float(np.median(model.particles["radius"])), 4),
+                       true_psf_std_z_xy=[round(float(v), 4) for v in kw["psf"].moments()],
+                       true_radius=radius, cnr=round(float(cnr), 2))
+        print("learned shape", json.dumps(learned), f"({t_shape:.0f} s)", flush=True)
+        shape = kw["psf"] if args.true_shape else model
+        extra = dict(voxel_size=VS, radius=radius) if args.true_shape else {}
         out = Path(d) / "tuned.npz"
         training.train(args.steps, batch=4, seed=0, out=out, init=neural.DEFAULT_WEIGHTS,
-                       shape=model, cnr=cnr, workers=0, calibrate=4, log=None)
+                       shape=shape, cnr=cnr, workers=0, calibrate=4, log=None, **extra)
         dt = time.perf_counter() - t0
         after = dict(user=evaluate(user, radius, str(out)), held_out=evaluate(held, radius, str(out)))
         print("after", json.dumps(after), flush=True)
@@ -76,7 +88,8 @@ def main():
             t = min(ok)
             after["held_out_matched_precision"] = dict(threshold=t, neural=sweep[t])
     print(json.dumps(dict(elongation=args.elongation, radius_px=args.radius_px, phi=args.phi,
-                          sigma_xy_radii=args.sigma_xy,
+                          sigma_xy_radii=args.sigma_xy, true_shape=args.true_shape,
+                          learned=learned, shape_seconds=round(t_shape),
                           steps=args.steps, fine_tune_seconds=round(dt), before=before,
                           after=after)))
 

@@ -253,3 +253,13 @@ def test_cli_arguments():
     with pytest.raises(SystemExit):
         training.main(["--help"])
     assert training.main(["--from-shape", "/nonexistent.tif", "--no-progress"]) == 2
+
+
+def test_central_block_for_learning_the_shape():
+    img = np.arange(40 * 300 * 200).reshape(40, 300, 200)
+    assert training.central_block(img, img.size) is img
+    b = training.central_block(img, 40 * 100 * 100)
+    assert b.shape == (40, 100, 100) and b.size <= 40 * 100 * 100
+    assert b[0, 0, 0] == img[0, 100, 50]  # centred on the cut axes, whole along z
+    b = training.central_block(img, 1000)
+    assert b.shape == (10, 10, 10)

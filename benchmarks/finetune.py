@@ -5,8 +5,9 @@
 A simulated stack whose PSF lies outside the general model's training range (z elongation
 above 3 at a small radius, dense; or, with ``--sigma-xy``, a lateral PSF std above the
 training range of 0.12-0.4 radius) is written to a TIFF; `difftrack train --from-shape`'s
-path learns its shape (``training.learn_shape``: track -> refine, whose fitted model holds
-the shape) and fine-tunes the shipped weights on renders with that shape. Recall /
+path learns its shape (``training.learn_shape``: detector -> ``fit_shape``, or with
+``--learn refine`` track -> refine) and fine-tunes the shipped weights on renders with
+that shape. Recall /
 precision of the neural detector before and after, on that stack and on a held-out stack
 of the same kind (another seed). ``--true-shape``: fine-tune on the simulator's own PSF
 instead (the control: what a perfectly learned shape would give).
@@ -48,6 +49,8 @@ def main():
     ap.add_argument("--phi", type=float, default=0.58)
     ap.add_argument("--sigma-xy", type=float, default=None,
                     help="lateral PSF std in radii (default: simulate's, 0.25)")
+    ap.add_argument("--learn", choices=("fit_shape", "refine"), default="fit_shape",
+                    help="how the shape is learned (training.learn_shape)")
     ap.add_argument("--true-shape", action="store_true",
                     help="fine-tune on the simulator's PSF instead of the learned one")
     args = ap.parse_args()
@@ -64,7 +67,7 @@ def main():
         stack = Path(d) / "user.tif"
         write_stack(stack, user.image, voxel_size=VS)
         t0 = time.perf_counter()
-        model, cnr = training.learn_shape(stack, radius=radius)
+        model, cnr = training.learn_shape(stack, radius=radius, how=args.learn)
         t_shape = time.perf_counter() - t0
         learned = dict(psf_std_z_xy=[round(float(v), 4) for v in model.psf.moments()],
                        radius=round(float(np.median(model.particles["radius"])), 4),
@@ -88,7 +91,7 @@ def main():
             t = min(ok)
             after["held_out_matched_precision"] = dict(threshold=t, neural=sweep[t])
     print(json.dumps(dict(elongation=args.elongation, radius_px=args.radius_px, phi=args.phi,
-                          sigma_xy_radii=args.sigma_xy, true_shape=args.true_shape,
+                          sigma_xy_radii=args.sigma_xy, true_shape=args.true_shape, learn=args.learn,
                           learned=learned, shape_seconds=round(t_shape),
                           steps=args.steps, fine_tune_seconds=round(dt), before=before,
                           after=after)))

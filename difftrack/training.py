@@ -640,7 +640,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--voxel-size", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
                    help="--from-shape: voxel size (default: from the file; none: voxels)")
     p.add_argument("--dark", action="store_true",
-                   help="--from-shape: dark particles on a bright background (default: decided from the stack)")
+                   help="--from-shape: dark particles on a bright background")
     p.add_argument("--log", default=None, help="also append the log to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -667,37 +667,59 @@ def central_block(image, max_voxels):
     return image[tuple(slice(int(a), int(a + n)) for a, n in zip(lo, size))]
 
 
-def learn_shape(path, *, radius, voxel_size=None, dark=False, log=print, max_voxels=2_000_000):
-    """The shape that ``refine`` learns on the stack at ``path``: ``preprocess`` ->
-    ``track`` (the shipped detector, or the classical one) -> ``refine`` on a central
-    block of at most ``max_voxels`` voxels. Refine adds the particles the detector
-    missed before it learns the PSF, so an unfamiliar shape, on which the detector
-    misses most, is still learned from (nearly) every particle.
-    Returns (the refined ``model.Model``, contrast-to-noise estimate)."""
-    from .api import preprocess, refine, track
-    from .detect import noise_sigma
-    from .io import read_stack
+def learn_shape(path, *, radius, voxel_size=None, dark=False, log=print, max_voxels=2_000_000,
+                how="fit_shape"):
+    """The shape of the stack at ``path`` (a central block of at most ``max_voxels``
+    voxels), for fine-tuning the detector on. Returns (``model.Model``, contrast-to-noise
+    estimate).
 
+    ``how="fit_shape"`` (the default): centres from the current detector (the neural one
+    if weights are shipped, else ``detect.find_peaks``), then ``model.fit_shape``.
+    ``how="refine"``: ``preprocess`` -> ``track`` -> ``refine``, whose fitted model holds
+    the shape; refine adds the particles the detector missed first. On the two unseen
+    shapes measured (docs/detector.md) refine learned a lateral PSF 1.5-2.5x too sharp
+    and the fine-tuned detector lost more recall than with ``fit_shape``, hence the default.
+    """
+    from .detect import find_peaks, noise_sigma
+    from .io import read_stack
+    from .model import fit_shape
+
+    if how not in ("fit_shape", "refine"):
+        raise ValueError(f"how must be 'fit_shape' or 'refine'; got {how!r}")
     st = read_stack(path, voxel_size=voxel_size)
     vs = st.voxel_size
     if radius is None:
         raise ValueError("--from-shape needs --radius (unit of the voxel size)")
     image = central_block(st.image, max_voxels)
-    data = preprocess(image, voxel_size=vs, radius=radius, invert=True if dark else "auto")
-    tracked = track(data)
-    log(f"{path}: block {image.shape} of {st.image.shape}; {len(tracked.particles)} particles "
-        f"from the {tracked.detector} detector; learning the shape (refine) ...")
-    refined = refine(tracked)
-    model = refined.model
-    if model is None or len(refined.particles) == 0:
-        raise ValueError(f"{path}: no particle found to learn the shape from; check --radius "
-                         "and --dark")
-    amp = float(np.median(np.abs(refined.particles["amplitude"])))
+    if how == "refine":
+        from .api import preprocess, refine, track
+
+        data = preprocess(image, voxel_size=vs, radius=radius, invert=True if dark else "auto")
+        tracked = track(data)
+        log(f"{path}: block {image.shape} of {st.image.shape}; {len(tracked.particles)} "
+            f"particles from the {tracked.detector} detector; learning the shape (refine) ...")
+        refined = refine(tracked)
+        model, parts = refined.model, refined.particles
+        if model is None or len(parts) == 0:
+            raise ValueError(f"{path}: no particle found to learn the shape from; check "
+                             "--radius and --dark")
+    else:
+        r_vox = radius / np.asarray(vs if vs is not None else (1.0, 1.0, 1.0))
+        if neural.available():
+            found = neural.detect(image, r_vox, invert=dark)
+            det = "neural"
+        else:
+            found = find_peaks(image, r_vox, invert=dark)
+            det = "classical"
+        pos = found[["z", "y", "x"]].to_numpy()
+        log(f"{path}: block {image.shape} of {st.image.shape}; {len(pos)} particles from the "
+            f"{det} detector; learning the shape (fit_shape) ...")
+        model = fit_shape(image, pos, voxel_size=vs, radius=radius, invert=bool(dark))
+        parts = model.particles
+    amp = float(np.median(np.abs(parts["amplitude"])))
     cnr = amp / max(noise_sigma(image), 1e-9)
     sz, sxy = (float(v) for v in model.psf.moments())
-    log(f"refine: {len(refined.particles)} particles ({refined.stats['added']} added, "
-        f"{refined.stats['removed']} removed); learned PSF std z {sz:.3g}, xy {sxy:.3g}; "
-        f"contrast/noise about {cnr:.1f}")
+    log(f"learned PSF std z {sz:.3g}, xy {sxy:.3g}; contrast/noise about {cnr:.1f}")
     if vs is None:
         model = dataclasses.replace(model, voxel_size=(1.0, 1.0, 1.0))
     return model, cnr

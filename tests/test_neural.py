@@ -263,3 +263,22 @@ def test_central_block_for_learning_the_shape():
     assert b[0, 0, 0] == img[0, 100, 50]  # centred on the cut axes, whole along z
     b = training.central_block(img, 1000)
     assert b.shape == (10, 10, 10)
+
+
+def test_learn_shape_from_a_stack_file(tmp_path):
+    from difftrack import simulate, write_stack
+
+    sim = simulate((16, 28, 32), voxel_size=(0.2, 0.1, 0.1), radius=0.4, volume_fraction=0.4,
+                   photons=100.0, seed=3)
+    path = tmp_path / "s.tif"
+    write_stack(path, sim.image, voxel_size=sim.voxel_size)
+    lines = []
+    model, cnr = training.learn_shape(path, radius=0.4, log=lines.append,
+                                      max_voxels=16 * 24 * 24)
+    assert model.geometry.shape == (16, 24, 24)  # the central block
+    assert cnr > 1 and np.isfinite(cnr)
+    sz, sxy = (float(v) for v in model.psf.moments())
+    assert sz > sxy > 0  # z-elongated, as simulated
+    assert "fit_shape" in lines[0]
+    with pytest.raises(ValueError, match="how"):
+        training.learn_shape(path, radius=0.4, how="guess")

@@ -266,11 +266,12 @@ def _interp_tables(R, radii_grid, Gs):
     return Gs[k] * (1 - f) + Gs[k + 1] * f
 
 
-def _fisher_blocks(params: Params, idx, w, geom, amplitude_floor=0.0):
+def _fisher_blocks(params: Params, idx, w, geom, amplitude_floor=0.0, radius_prior=0.0):
     """Each particle's own Fisher block (5x5: z, y, x in voxels, amplitude, radius) for
     the particles ``idx``: the unit table at its radius times its amplitude, the
-    illumination and the mean weight around it (neighbours ignored). Amplitudes are
-    taken at least ``amplitude_floor`` in magnitude."""
+    illumination and the mean weight around it (neighbours ignored), plus the information
+    ``radius_prior`` of the radius-spread prior (its curvature, chi^2 units) on the
+    radius. Amplitudes are taken at least ``amplitude_floor`` in magnitude."""
     R = np.asarray(params.particles.radius)[idx]
     a = np.asarray(params.particles.amplitude)[idx]
     a = np.where(a < 0, -1.0, 1.0) * np.maximum(np.abs(a), amplitude_floor)
@@ -280,7 +281,9 @@ def _fisher_blocks(params: Params, idx, w, geom, amplitude_floor=0.0):
     Lf = np.asarray(stack_region(illumination_field(params.background, geom), geom))
     wc = _local_mean(np.asarray(w), pos, np.median(R) / np.asarray(geom.voxel_size))
     D = np.stack([a, a, a, np.ones_like(a), a], axis=1)
-    return G * (D[:, :, None] * D[:, None, :]) * (wc * _at_voxels(Lf, pos) ** 2)[:, None, None]
+    F = G * (D[:, :, None] * D[:, None, :]) * (wc * _at_voxels(Lf, pos) ** 2)[:, None, None]
+    F[:, 4, 4] += radius_prior
+    return F
 
 
 def _at_voxels(field, pos):
@@ -513,8 +516,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         M = np.broadcast_to(np.eye(5), (mask.size, 5, 5)).copy()  # empty slots
         if len(act):
             med = float(np.median(np.abs(np.asarray(params.particles.amplitude)[act])))
-            F = _fisher_blocks(params, act, w, geom, amplitude_floor=0.3 * med)
-            F[:, 4, 4] += kappa  # the radius prior's own curvature
+            F = _fisher_blocks(params, act, w, geom, amplitude_floor=0.3 * med,
+                               radius_prior=kappa)
             d = np.diagonal(F, axis1=1, axis2=2)
             F = F + np.eye(5)[None] * (1e-6 * d[:, None, :] + 1e-30)
             M[act] = np.swapaxes(np.linalg.inv(np.linalg.cholesky(F)), 1, 2)  # L^-T
@@ -715,8 +718,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     R = np.asarray(params.particles.radius)[act]
     a = np.asarray(params.particles.amplitude)[act]
     pos = np.asarray(params.particles.pos)[act]
-    F = _fisher_blocks(params, act, w, geom)
-    F[:, 4, 4] += kappa  # posterior: the radius prior's information
+    F = _fisher_blocks(params, act, w, geom, radius_prior=kappa)  # posterior
     F = F + np.eye(5)[None] * 1e-9 * np.trace(F, axis1=1, axis2=2)[:, None, None]
     cov = np.linalg.inv(F)
     sig = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2)[:, :3], 0, None))

@@ -692,13 +692,11 @@ def learn_shape(path, *, radius, voxel_size=None, dark=False, log=print, max_vox
         raise ValueError("--from-shape needs --radius (unit of the voxel size)")
     image = central_block(st.image, max_voxels)
     if how == "refine":
-        from .api import preprocess, refine, track
+        from .api import locate
 
-        data = preprocess(image, voxel_size=vs, radius=radius, invert=True if dark else "auto")
-        tracked = track(data)
-        log(f"{path}: block {image.shape} of {st.image.shape}; {len(tracked.particles)} "
-            f"particles from the {tracked.detector} detector; learning the shape (refine) ...")
-        refined = refine(tracked)
+        log(f"{path}: block {image.shape} of {st.image.shape}; learning the shape "
+            "(preprocess -> track -> refine) ...")
+        refined = locate(image, voxel_size=vs, radius=radius, invert=True if dark else "auto")
         model, parts = refined.model, refined.particles
         if model is None or len(parts) == 0:
             raise ValueError(f"{path}: no particle found to learn the shape from; check "

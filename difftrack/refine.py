@@ -390,7 +390,7 @@ def _gain_map(resid_w, w, params: Params, geom, R, sign, reach):
 
 def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="auto",
                      max_rounds=6, steps=150, shape_steps=150, xtol=0.02, penalty=None, overlap=0.7,
-                     noise=None, polish=2, min_amplitude=0.4, polydispersity=0.1,
+                     noise=None, polish=2, min_amplitude=0.4, polydispersity=0.1, add_passes=3,
                      progress=False, verbose=False, psf=None) -> RefineResult:
     """Refine rough centres to the best positions the light allows, add the missed
     particles, remove the spurious ones, and give per-particle uncertainties.
@@ -419,6 +419,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         None: no prior. Where the light defines a radius well the prior hardly matters;
         in blurred, dense stacks it keeps radii (and so amplitudes) from trading light
         with the neighbours.
+    add_passes : most passes of the addition per round; each looks at the residual with
+        the particles of the passes before it in the model.
     psf : a ``shape.PSF`` learned before (``result.model.psf``, e.g. from an earlier frame)
         to hold fixed instead of learning it; None learns it.
 
@@ -598,7 +600,21 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
 
     @timed("add")
     def add_step(params, med_a):
-        """Add particles at the peaks of the residual's gain map; returns (params, added)."""
+        """Add particles at the peaks of the residual's gain map, then look again with
+        the added ones in the model (their light taken out of the residual), up to
+        ``add_passes`` times: two missing neighbours whose light merges into one peak
+        (z neighbours under an elongated PSF) are added one per pass, before the
+        position fit can slide a neighbour into the hole left. Returns (params, added)."""
+        added = 0
+        for _ in range(add_passes):
+            params, n_new = add_pass(params, med_a)
+            added += n_new
+            if n_new == 0:
+                break
+        return params, added
+
+    def add_pass(params, med_a):
+        """One pass of ``add_step``: candidates at the gain map's peaks."""
         nonlocal mask
         m, w = weights(params)
         r = np.asarray(data_n) - m

@@ -6,9 +6,10 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from difftrack import simulate
-from difftrack.refine import (_gain_map, _removal_gain,
+from difftrack.refine import (_ellipsoid, _gain_map, _removal_gain,
                               estimate_noise, refine_positions)
 from difftrack.render import Params, Particles, render
 
@@ -67,6 +68,39 @@ def test_gain_map_finds_a_missing_particle_and_nothing_in_noise(sim):
     noise = rng.standard_normal(data.shape).astype(np.float32) * np.sqrt(sim.noise_variance)
     gmap, _ = _gain_map(jnp.asarray(w * noise), jnp.asarray(w), q, g, 0.4, 1.0, (0, 0, 0))
     assert gmap.max() < penalty
+
+
+def test_two_missing_z_neighbours_are_both_added(sim):
+    """Two touching particles stacked along z, both missing: under the z-elongated PSF
+    their light makes ONE peak of the gain map; the addition's second pass (the first
+    candidate in the model) finds the other."""
+    p, g = sim.params, sim.geometry
+    pos = np.asarray(p.particles.pos)
+    vs = np.asarray(sim.voxel_size)
+    pair = [22, 118]  # 0.86 um apart, the line between them 12 degrees off z
+    d = (pos[pair[1]] - pos[pair[0]]) * vs
+    assert np.linalg.norm(d) < 0.9 and abs(d[0]) / np.linalg.norm(d) > 0.95
+    data = sim.image.astype(np.float32) - 100.0
+    w = (1.0 / sim.noise_variance).astype(np.float32)
+    amp = p.particles.amplitude.at[pair[0]].set(0.0).at[pair[1]].set(0.0)
+    q = Params(Particles(p.particles.pos, p.particles.radius, amp), p.psf, p.background)
+    r = data - np.asarray(render(q, g))
+    gmap, _ = _gain_map(jnp.asarray(w * r), jnp.asarray(w), q, g, 0.4, 1.0, (0, 0, 0))
+    gmap = np.asarray(gmap)
+    peaks = np.argwhere((gmap == ndimage.maximum_filter(gmap, footprint=_ellipsoid(0.9 * 0.4 / vs),
+                                                        mode="constant"))
+                        & (gmap > 5 * math.log(data.size)))
+    near = [k for k in peaks if min(np.linalg.norm((k - pos[i]) * vs) for i in pair) < 0.5]
+    assert len(near) == 1  # one merged peak for two particles
+    inside = np.all((pos >= -0.5) & (pos <= np.asarray(sim.image.shape) - 0.5), axis=1)
+    keep = inside.copy()
+    keep[pair] = False
+    res = refine_positions(sim.image, pos[keep], voxel_size=sim.voxel_size, radius=0.4,
+                           psf=p.psf, max_rounds=1, steps=20, shape_steps=20, polish=0)
+    f = res.particles[["z", "y", "x"]].to_numpy()
+    # measured 0.07 and 0.18 um (with one pass: 0.21 and 0.66, one of them not found)
+    for i in pair:
+        assert np.linalg.norm((f - pos[i]) * vs, axis=1).min() < 0.5 * 0.4
 
 
 def test_refine_adds_nothing_to_pure_noise():

@@ -128,8 +128,9 @@ def _joint_loss(free, psf, data, w, mask, pairs, pair_mask, rbounds, *, static):
     with the PSF held, in alternation.
     """
     geom, (plo, phi), overlap = static
-    # traced (static would recompile for every radius): lowest and highest radius, and the
-    # curvature of the radius-spread prior (chi^2 units; model.radius_spread_penalty)
+    # traced (static would recompile for every radius): lowest and highest radius, the
+    # curvature of the radius-spread prior (chi^2 units; model.radius_spread_penalty) and
+    # (used by _whitened_loss only) the trust region's radius
     rlo, rhi = rbounds[0], rbounds[1]
     pos_free, radius, amplitude, background = free
     pos = jnp.clip(pos_free, jnp.asarray(plo), jnp.asarray(phi))
@@ -160,8 +161,10 @@ def _from_whitened(u, base, M, s_off):
             dataclasses.replace(bg, offset=bg.offset + s_off * uoff))
 
 
-def _whitened_loss(u, base, M, s_off, *args, static):
-    """``_joint_loss`` at whitened coordinates (``_from_whitened``). With M_i M_i^T the
+def _whitened_loss(u, base, M, s_off, anchor, *args, static):
+    """``_joint_loss`` at whitened coordinates (``_from_whitened``), plus the trust region:
+    a soft wall beyond ``rbounds[3]`` (physical distance) from each particle's ``anchor``,
+    where it entered the loop. With M_i M_i^T the
     inverse of particle i's own Fisher block and s the inverse square root of each offset
     coefficient's curvature, the curvature is about the identity for every particle, its
     amplitude-radius and position-radius correlations included: L-BFGS, whose few-vector
@@ -174,8 +177,13 @@ def _whitened_loss(u, base, M, s_off, *args, static):
     L-BFGS spent its first 5-10 steps finding the scale (the fit's ``xtol`` stop could
     take that crawl for convergence: measured on a blurred dense stack, where it
     stopped after 5 steps 7,800 chi^2 short of the minimum)."""
-    data = args[1]
-    return 0.5 * data.size * _joint_loss(_from_whitened(u, base, M, s_off), *args, static=static)
+    data, mask, rbounds = args[1], args[3], args[6]
+    free = _from_whitened(u, base, M, s_off)
+    vs = jnp.asarray(static[0].voxel_size)
+    dist = jnp.sqrt(jnp.sum(((free[0] - anchor) * vs) ** 2, axis=1) + 1e-12)
+    excess = jnp.maximum(dist - rbounds[3], 0.0) / rbounds[3]
+    return 0.5 * (data.size * _joint_loss(free, *args, static=static)
+                  + 1e4 * jnp.sum(mask * excess * excess))
 
 
 @partial(jax.jit, static_argnames=("geom",))
@@ -391,7 +399,7 @@ def _gain_map(resid_w, w, params: Params, geom, R, sign, reach):
 def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="auto",
                      max_rounds=6, steps=150, shape_steps=150, xtol=0.02, penalty=None, overlap=0.7,
                      noise=None, polish=2, min_amplitude=0.4, polydispersity=0.1, add_passes=3,
-                     progress=False, verbose=False, psf=None) -> RefineResult:
+                     max_move=1.0, progress=False, verbose=False, psf=None) -> RefineResult:
     """Refine rough centres to the best positions the light allows, add the missed
     particles, remove the spurious ones, and give per-particle uncertainties.
 
@@ -421,6 +429,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         with the neighbours.
     add_passes : most passes of the addition per round; each looks at the residual with
         the particles of the passes before it in the model.
+    max_move : no centre moves farther than this many radii (the starting median) from
+        where it entered the loop (its start, or where the addition put it): a soft wall
+        in every joint fit. A particle the light would carry farther is another particle;
+        the removal and the addition deal with it. None: no limit.
     psf : a ``shape.PSF`` learned before (``result.model.psf``, e.g. from an earlier frame)
         to hold fixed instead of learning it; None learns it.
 
@@ -466,16 +478,24 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     phi = tuple(s - 0.5 + o for s, o in zip(image.shape, out))
     static = (geom, (plo, phi), overlap)  # hashable: the jitted loss's static argument
     kappa = 0.0 if polydispersity is None else 1.0 / (float(polydispersity) * R0) ** 2
-    rbounds = jnp.asarray([rlo, rhi, kappa], jnp.float32)  # traced: no recompile per radius
+    reach_move = 1e6 * R0 if max_move is None else float(max_move) * R0
+    # traced: no recompile per radius
+    rbounds = jnp.asarray([rlo, rhi, kappa, reach_move], jnp.float32)
 
     # fixed-capacity buffer
     n = len(pos0)
     cap = int(math.ceil(1.25 * n / 256) * 256)
     park = np.asarray(image.shape, np.float32) / 2 - 0.5
 
+    # where each particle entered the loop (its start, or where the addition put it): the
+    # centre of its trust region
+    anchor = np.asarray(params.particles.pos, np.float32)
+
     def grow(params, mask, cap_new):
+        nonlocal anchor
         k = cap_new - params.particles.pos.shape[0]
         p = params.particles
+        anchor = np.concatenate([anchor, np.broadcast_to(park, (k, 3))]).astype(np.float32)
         pos = jnp.concatenate([p.pos, jnp.broadcast_to(jnp.asarray(park), (k, 3))])
         rad = jnp.concatenate([p.radius, jnp.full((k,), R0, jnp.float32)])
         amp = jnp.concatenate([p.amplitude, jnp.zeros((k,), jnp.float32)])
@@ -532,7 +552,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         pairs, pair_mask, pair_cap = _pairs(np.asarray(p.pos) * np.asarray(vs_eff), mask,
                                             reach, pair_cap)
         u = (jnp.zeros((mask.size, 5), jnp.float32), jnp.zeros_like(s_off))
-        u, hist = minimize(_whitened_loss, u, (base, M, s_off, params.psf, data_n,
+        u, hist = minimize(_whitened_loss, u, (base, M, s_off, jnp.asarray(anchor), params.psf,
+                                               data_n,
                                                jnp.asarray(w), jnp.asarray(mask), pairs,
                                                pair_mask, rbounds),
                            static=static, steps=steps, xtol=xtol, what="joint fit")
@@ -557,11 +578,16 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         gain = _removal_gain(params, jnp.asarray(w * r), w, geom)
         a = np.asarray(params.particles.amplitude)
         med_a = float(np.median(np.abs(a[act])))
-        # implausible: the wrong sign, too faint, or a radius pressed against its lower
-        # bound (0.3 of the starting median: the fit wants no particle there)
+        # implausible: the wrong sign, too faint, a radius pressed against its lower bound
+        # (0.3 of the starting median: the fit wants no particle there), or a centre
+        # pressed against its trust region's wall (max_move)
         implausible = act & ((np.sign(a) != sign) | (np.abs(a) < min_amplitude * med_a)
                              | (R <= 1.001 * rlo))
         pos = np.asarray(params.particles.pos)
+        # pressed against its trust region's wall: the light wants it elsewhere, where the
+        # addition will put a particle if one is there
+        moved = np.linalg.norm((pos - anchor) * np.asarray(vs_eff), axis=1)
+        implausible |= act & (moved >= 0.98 * reach_move)
         ov = np.zeros_like(act)
         ai = np.flatnonzero(act)
         if len(ai) > 1:
@@ -656,6 +682,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                         params.psf, params.background)
         mask[slots] = 1.0
         stats["added"] += len(slots)
+        anchor[slots] = cand
         return params, len(slots)
 
     history = []

@@ -444,6 +444,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     image = check_stack(image)
     vs = check_voxel_size(voxel_size)
     pos0 = check_positions(positions, shape=image.shape)
+    if max_move is not None and not (np.isfinite(max_move) and max_move > 0):
+        raise ValueError(f"max_move must be a positive number of radii or None; got {max_move}")
+    if int(add_passes) != add_passes or add_passes < 1:
+        raise ValueError(f"add_passes must be a whole number >= 1; got {add_passes}")
     if len(pos0) == 0:
         raise ValueError("positions is empty: refine needs at least one starting particle "
                          "(run a detector first)")
@@ -565,8 +569,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                       static, rbounds), hist
 
     @timed("remove")
-    def remove_step(params, use_gain=True):
-        """Remove implausible, overlapping and (after a fit) low-gain particles."""
+    def remove_step(params, use_gain=True, stuck=True):
+        """Remove implausible, overlapping and (after a fit) low-gain particles; with
+        ``stuck``, also those pressed against their trust region (only where an addition
+        follows that can put them back where the light wants them)."""
         nonlocal mask
         if not mask.any():
             return params, 0, 0.0, dict(implausible=0, overlap=0, gain=0)
@@ -587,7 +593,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         # pressed against its trust region's wall: the light wants it elsewhere, where the
         # addition will put a particle if one is there
         moved = np.linalg.norm((pos - anchor) * np.asarray(vs_eff), axis=1)
-        implausible |= act & (moved >= 0.98 * reach_move)
+        implausible |= act & (moved >= 0.98 * reach_move) & stuck
         ov = np.zeros_like(act)
         ai = np.flatnonzero(act)
         if len(ai) > 1:
@@ -743,7 +749,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         m, w = weights(params)
         params, hist = joint_fit(params, w)
         history += hist
-        params, n_removed, _, counts = remove_step(params)
+        params, n_removed, _, counts = remove_step(params, stuck=False)  # no addition follows
         if verbose:
             print(f"polish {k + 1}: active {int(mask.sum())}, removed {n_removed} {counts}")
         if n_removed:

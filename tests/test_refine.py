@@ -169,6 +169,12 @@ def test_refine_bad_input():
         refine_positions(np.random.default_rng(0).normal(size=(6, 8, 8)), np.zeros((0, 3)))
     with pytest.raises(ValueError, match="outside"):
         refine_positions(np.random.default_rng(0).normal(size=(6, 8, 8)), [[30.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match="max_move"):
+        refine_positions(np.random.default_rng(0).normal(size=(6, 8, 8)), [[3.0, 4.0, 4.0]],
+                         max_move=0.0)
+    with pytest.raises(ValueError, match="add_passes"):
+        refine_positions(np.random.default_rng(0).normal(size=(6, 8, 8)), [[3.0, 4.0, 4.0]],
+                         add_passes=0)
 
 
 def test_whitening_makes_each_particles_own_curvature_the_identity(sim):

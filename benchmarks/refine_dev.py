@@ -10,8 +10,8 @@ recall, precision, RMSE per axis over the Cramer-Rao bound (crlb.json), and cali
 std((found - true) / sigma) per axis.
 """
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -69,10 +69,9 @@ def main(names, options=None):
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    opts = None
-    if "--options" in argv:
-        k = argv.index("--options")
-        opts = json.loads(argv[k + 1])
-        del argv[k:k + 2]
-    main(argv or NAMES, opts)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", default=NAMES, help="dev stacks (default: all four)")
+    ap.add_argument("--options", type=json.loads, default=None,
+                    help="JSON object of keyword arguments for refine_positions")
+    args = ap.parse_args()
+    main(args.names or NAMES, args.options)

@@ -155,10 +155,10 @@ def _loss(free, pos, data, weight, amplitude_mask, bounds, *, static):
         psf = jax.lax.stop_gradient(psf)
     if hold_illum:
         background = dataclasses.replace(background, illum=jax.lax.stop_gradient(background.illum))
-    params = Params(Particles(pos, jnp.clip(radius, lo, hi), amplitude * amplitude_mask), psf,
-                    background)
+    R = jnp.clip(radius, lo, hi)
+    params = Params(Particles(pos, R, amplitude * amplitude_mask), psf, background)
     r = data - render(params, geom)
-    spread = radius_spread_penalty(jnp.clip(radius, lo, hi), amplitude_mask, bounds[2])
+    spread = radius_spread_penalty(R, amplitude_mask, bounds[2])
     prior = 1e-4 * jnp.sum(background.illum**2)
     return (jnp.sum(weight * r * r) + spread) / jnp.sum(weight) + prior
 

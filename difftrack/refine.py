@@ -161,7 +161,8 @@ def _from_whitened(u, base, M, s_off):
             dataclasses.replace(bg, offset=bg.offset + s_off * uoff))
 
 
-def _whitened_loss(u, base, M, s_off, anchor, *args, static):
+def _whitened_loss(u, base, M, s_off, anchor, psf, data, w, mask, pairs, pair_mask, rbounds, *,
+                   static):
     """``_joint_loss`` at whitened coordinates (``_from_whitened``), plus the trust region:
     a soft wall beyond ``rbounds[3]`` (physical distance) from each particle's ``anchor``,
     where it entered the loop. With M_i M_i^T the
@@ -177,13 +178,13 @@ def _whitened_loss(u, base, M, s_off, anchor, *args, static):
     L-BFGS spent its first 5-10 steps finding the scale (the fit's ``xtol`` stop could
     take that crawl for convergence: measured on a blurred dense stack, where it
     stopped after 5 steps 7,800 chi^2 short of the minimum)."""
-    data, mask, rbounds = args[1], args[3], args[6]
     free = _from_whitened(u, base, M, s_off)
     vs = jnp.asarray(static[0].voxel_size)
     dist = jnp.sqrt(jnp.sum(((free[0] - anchor) * vs) ** 2, axis=1) + 1e-12)
     excess = jnp.maximum(dist - rbounds[3], 0.0) / rbounds[3]
-    return 0.5 * (data.size * _joint_loss(free, *args, static=static)
-                  + 1e4 * jnp.sum(mask * excess * excess))
+    chi2 = data.size * _joint_loss(free, psf, data, w, mask, pairs, pair_mask, rbounds,
+                                   static=static)
+    return 0.5 * (chi2 + 1e4 * jnp.sum(mask * excess * excess))
 
 
 @partial(jax.jit, static_argnames=("geom",))

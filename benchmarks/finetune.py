@@ -1,6 +1,8 @@
 """Fine-tuning the detector on a shape it was not trained on (issue 5's loop).
 
     python benchmarks/finetune.py [--steps 150] [--elongation 4] [--radius-px 2.5] [--sigma-xy S]
+    python benchmarks/finetune.py ... --save-spec out/ft/s1.npz --steps 0   # for finetune_gpu.py
+    python benchmarks/finetune.py ... --score out/ft/*.npz                # score weights made elsewhere
 
 A simulated stack whose PSF lies outside the general model's training range (z elongation
 above 3 at a small radius, dense; or, with ``--sigma-xy``, a lateral PSF std above the
@@ -10,7 +12,8 @@ path learns its shape (``training.learn_shape``: detector -> ``fit_shape``, or w
 that shape. Recall /
 precision of the neural detector before and after, on that stack and on a held-out stack
 of the same kind (another seed). ``--true-shape``: fine-tune on the simulator's own PSF
-instead (the control: what a perfectly learned shape would give).
+instead (the control: what a perfectly learned shape would give). ``--jitter`` and
+``--mix``: as ``training.shape_spec_from`` (default: ``train``'s).
 """
 
 import argparse
@@ -53,6 +56,12 @@ def main():
                     help="how the shape is learned (training.learn_shape)")
     ap.add_argument("--true-shape", action="store_true",
                     help="fine-tune on the simulator's PSF instead of the learned one")
+    ap.add_argument("--jitter", type=float, default=None)
+    ap.add_argument("--mix", type=float, default=None)
+    ap.add_argument("--save-spec", default=None, metavar="NPZ",
+                    help="save the learned and the true shape for benchmarks/finetune_gpu.py")
+    ap.add_argument("--score", nargs="+", default=None, metavar="WEIGHTS",
+                    help="only score these weights on the two stacks (threshold sweep too)")
     args = ap.parse_args()
     radius = 0.1 * args.radius_px
     shape = (40, 64, 64)
@@ -61,6 +70,13 @@ def main():
               psf=default_psf(VS, radius, sigma_xy=sxy, elongation=args.elongation))
     user = simulate(shape, seed=101, **kw)
     held = simulate(shape, seed=202, **kw)
+    if args.score:
+        for w in args.score:
+            sweep = {t: evaluate(held, radius, w, t)["neural"] for t in (0.1, 0.2, 0.3, 0.4, 0.5)}
+            print(json.dumps(dict(weights=w, user=evaluate(user, radius, w)["neural"],
+                                  held_out=evaluate(held, radius, w)["neural"],
+                                  held_out_sweep=sweep)), flush=True)
+        return
     before = dict(user=evaluate(user, radius, None), held_out=evaluate(held, radius, None))
     print("before", json.dumps(before), flush=True)
     with tempfile.TemporaryDirectory() as d:
@@ -74,9 +90,23 @@ def main():
                        true_psf_std_z_xy=[round(float(v), 4) for v in kw["psf"].moments()],
                        true_radius=radius, cnr=round(float(cnr), 2))
         print("learned shape", json.dumps(learned), f"({t_shape:.0f} s)", flush=True)
+        if args.save_spec:
+            spec = training.shape_spec_from(model, cnr=cnr)
+            fields = ("log_sigma_xy", "log_sigma_z", "z_offset", "logit_weight")
+            np.savez(args.save_spec,
+                     **{f"learned_{k}": np.asarray(getattr(spec["psf"], k)) for k in fields},
+                     **{f"true_{k}": np.asarray(getattr(kw["psf"], k)) for k in fields},
+                     voxel_size=np.asarray(VS), learned_radius=spec["radius"],
+                     true_radius=radius, cnr=float(cnr))
+            print("wrote", args.save_spec, flush=True)
+        if args.steps == 0:
+            return
         shape = kw["psf"] if args.true_shape else model
         extra = dict(voxel_size=VS, radius=radius) if args.true_shape else {}
         out = Path(d) / "tuned.npz"
+        for k in ("jitter", "mix"):
+            if getattr(args, k) is not None:
+                extra[k] = getattr(args, k)
         training.train(args.steps, batch=4, seed=0, out=out, init=neural.DEFAULT_WEIGHTS,
                        shape=shape, cnr=cnr, workers=0, calibrate=4, log=None, **extra)
         dt = time.perf_counter() - t0
@@ -92,6 +122,7 @@ def main():
             after["held_out_matched_precision"] = dict(threshold=t, neural=sweep[t])
     print(json.dumps(dict(elongation=args.elongation, radius_px=args.radius_px, phi=args.phi,
                           sigma_xy_radii=args.sigma_xy, true_shape=args.true_shape, learn=args.learn,
+                          jitter=args.jitter, mix=args.mix,
                           learned=learned, shape_seconds=round(t_shape),
                           steps=args.steps, fine_tune_seconds=round(dt), before=before,
                           after=after)))

@@ -2,6 +2,7 @@
 
     python benchmarks/pipeline.py [NAME ...]     # dev stacks (default: the PERI dark one)
     python benchmarks/pipeline.py --sim          # a simulated ~5,000-particle dense stack
+    python benchmarks/pipeline.py --sim --start unet   # one start only
 
 The simulated stack: ``simulate((64, 160, 160), voxel_size=(0.1, 0.1, 0.1), radius=0.35,
 volume_fraction=0.5)`` (PSF 2.5x longer along z, contrast/noise about 9), scored on the
@@ -17,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pandas as pd
 
@@ -25,8 +27,11 @@ import difftrack as dt
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev"
 
 
+STARTS = ("unet", "classical")
+
+
 def run(name, data, truth, radius, vs, crlb_zyx):
-    for detector in ("unet", "classical"):
+    for detector in STARTS:
         t0 = time.perf_counter()
         found = dt.track(data, detector=detector)
         t1 = time.perf_counter()
@@ -39,7 +44,8 @@ def run(name, data, truth, radius, vs, crlb_zyx):
             row[tag] = dict(recall=round(s.recall, 3), precision=round(s.precision, 3),
                             rmse_over_crlb=np.round(s.rmse / np.asarray(crlb_zyx), 2).tolist())
         st = res.stats
-        row.update(track_s=round(t1 - t0, 1), refine_s=round(t2 - t1, 1),
+        row.update(device=str(jax.devices()[0]),
+                   track_s=round(t1 - t0, 1), refine_s=round(t2 - t1, 1),
                    added=st.get("added"), removed=st.get("removed"), rounds=st.get("rounds"),
                    fit_steps=st.get("steps"),
                    seconds_by_phase={k: round(v, 1) for k, v in st.get("seconds_by_phase", {}).items()})
@@ -60,6 +66,11 @@ def simulated():
 
 
 def main(names):
+    global STARTS
+    if "--start" in names:
+        i = names.index("--start")
+        STARTS = (names[i + 1],)
+        names = names[:i] + names[i + 2:]
     if names == ["--sim"]:
         return simulated()
     crlb = json.loads((DEV / "crlb.json").read_text())

@@ -82,6 +82,8 @@ def random_settings(rng, shape_spec=None):
     ``invert``. ``shape_spec`` (from ``shape_spec_from``) pins the PSF, voxel size,
     radius, polarity and contrast to those of a learned shape."""
     s = {}
+    if shape_spec is not None and shape_spec.get("mix", 0.0) > 0.0 and rng.random() < shape_spec["mix"]:
+        shape_spec = None  # a general volume, so that fine-tuning does not forget the rest
     if shape_spec is None:
         r_xy = _loguniform(rng, 2.5, 7.0)  # lateral radius, pixels
         aniso = rng.uniform(0.7, min(2.5, r_xy / 1.5))  # z voxel / xy voxel
@@ -97,6 +99,9 @@ def random_settings(rng, shape_spec=None):
         vs = tuple(shape_spec["voxel_size"])
         radius = shape_spec["radius"] * rng.uniform(0.95, 1.05)
         psf = shape_spec["psf"]
+        j = shape_spec.get("jitter", 0.0)
+        if j > 0.0:  # the learned shape is uncertain: widths scaled within exp(+-j)
+            psf = scale_psf(psf, math.exp(rng.uniform(-j, j)), math.exp(rng.uniform(-j, j)))
         elongation = 2.5  # unused with a psf
         dark = bool(shape_spec["dark"]) if shape_spec.get("dark") is not None else bool(rng.random() < 0.4)
         lo, hi = shape_spec.get("cnr", (1.0, 12.0))
@@ -120,11 +125,29 @@ def random_settings(rng, shape_spec=None):
     return s
 
 
-def shape_spec_from(shape, *, voxel_size=None, radius=None, dark=None, cnr=None):
+# fine-tuning on a learned shape: PSF widths scaled within exp(+-FT_JITTER), and FT_MIX of
+# the volumes from the general distribution (docs/detector.md, "Fine-tuning")
+FT_JITTER = 0.4
+FT_MIX = 0.25
+
+
+def scale_psf(psf, f_xy, f_z):
+    """``psf`` with every component's lateral widths scaled by ``f_xy`` and its axial
+    widths and offsets by ``f_z``."""
+    return dataclasses.replace(
+        psf, log_sigma_xy=psf.log_sigma_xy + math.log(f_xy),
+        log_sigma_z=psf.log_sigma_z + math.log(f_z), z_offset=psf.z_offset * f_z)
+
+
+def shape_spec_from(shape, *, voxel_size=None, radius=None, dark=None, cnr=None, jitter=0.0,
+                    mix=0.0):
     """What fine-tuning pins: PSF, voxel size, radius, polarity, contrast range.
 
     ``shape``: a ``shape.PSF`` (then ``voxel_size`` and ``radius`` are required) or a
     fitted ``model.Model`` (its PSF, voxel size, median radius and polarity).
+    ``jitter``: each volume's PSF widths are scaled by log-uniform factors within
+    exp(+-jitter), laterally and axially apart (a learned shape is not exact).
+    ``mix``: the fraction of volumes drawn from the general distribution instead.
     """
     from .model import Model
     from .shape import PSF
@@ -145,7 +168,10 @@ def shape_spec_from(shape, *, voxel_size=None, radius=None, dark=None, cnr=None)
     if vs is None or radius is None:
         raise ValueError("fine-tuning on a PSF needs voxel_size and radius")
     vs = tuple(float(v) for v in np.broadcast_to(np.asarray(vs, float), (3,)))
-    spec = dict(psf=psf, voxel_size=vs, radius=float(radius), dark=dark)
+    if not (0.0 <= jitter <= 1.0 and 0.0 <= mix < 1.0):
+        raise ValueError(f"jitter must be in [0, 1] and mix in [0, 1); got {jitter}, {mix}")
+    spec = dict(psf=psf, voxel_size=vs, radius=float(radius), dark=dark, jitter=float(jitter),
+                mix=float(mix))
     if cnr is not None:
         spec["cnr"] = (max(0.7, cnr / 2.5), cnr * 2.5)
     return spec
@@ -467,7 +493,7 @@ def evaluate(model, stacks, thresholds=None, tile=neural.DEFAULT_TILE):
 def train(steps=DEFAULT_STEPS, batch=4, seed=0, out=None, init=None, shape=None, log=print, *,
           crop=32, vol=48, lr=None, warmup=None, fresh=0.15, buffer=40, workers=0,
           features=DEFAULT_FEATURES, time_limit=None, calibrate=8, progress=None,
-          save_every=500, voxel_size=None, radius=None, cnr=None):
+          save_every=500, voxel_size=None, radius=None, cnr=None, jitter=FT_JITTER, mix=FT_MIX):
     """Train (or fine-tune) the detector on simulated stacks; returns (model, header).
 
     Parameters
@@ -479,7 +505,9 @@ def train(steps=DEFAULT_STEPS, batch=4, seed=0, out=None, init=None, shape=None,
     init : weights to start from (path, (model, header) or UNet; fine-tuning), or None.
     shape : fine-tune on stacks rendered with a learned shape: a ``shape.PSF`` (with
         ``voxel_size`` and ``radius``) or a fitted ``model.Model``; ``cnr`` (optional)
-        centres the contrast-to-noise range on that of the user's stack.
+        centres the contrast-to-noise range on that of the user's stack; ``jitter`` and
+        ``mix`` as in ``shape_spec_from`` (defaults measured in docs/detector.md: the
+        shape learned from a dense, blurred stack came out ~30% too sharp).
     log : callable taking a line of text (None: silent).
     crop, vol : training crop and simulated volume, canonical voxels per axis.
     lr, warmup : peak learning rate (Adam; default 2e-3, 5e-4 when fine-tuning) and
@@ -500,7 +528,7 @@ def train(steps=DEFAULT_STEPS, batch=4, seed=0, out=None, init=None, shape=None,
         model = new_unet(features, int(seed))
         header0 = {}
     spec = None if shape is None else shape_spec_from(shape, voxel_size=voxel_size,
-                                                      radius=radius, cnr=cnr)
+                                                      radius=radius, cnr=cnr, jitter=jitter, mix=mix)
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer()
     opt_state = tx.init(params)
@@ -563,7 +591,9 @@ def train(steps=DEFAULT_STEPS, batch=4, seed=0, out=None, init=None, shape=None,
     threshold = header0.get("threshold", neural.DEFAULT_THRESHOLD)
     metrics = None
     if calibrate:
-        stacks = eval_stacks(calibrate, seed=int(seed) + 1_000_003, shape_spec=spec)
+        # the threshold is set on the user's shape alone (no general volumes)
+        stacks = eval_stacks(calibrate, seed=int(seed) + 1_000_003,
+                             shape_spec=None if spec is None else dict(spec, mix=0.0))
         grid = [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6]
         res = evaluate(model, stacks, grid)
         # the balanced choice: the larger of recall and precision is not allowed to buy
@@ -593,7 +623,8 @@ def _header(header0, *, spec, **kw):
                                                    "train_seconds")}
     h.update(kw)
     h["fine_tuned_on_shape"] = None if spec is None else {
-        "voxel_size": list(spec["voxel_size"]), "radius": spec["radius"], "dark": spec["dark"]}
+        "voxel_size": list(spec["voxel_size"]), "radius": spec["radius"], "dark": spec["dark"],
+        "jitter": spec["jitter"], "mix": spec["mix"]}
     h["canonical_radius"] = CANONICAL_RADIUS
     return h
 
@@ -641,6 +672,12 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="--from-shape: voxel size (default: from the file; none: voxels)")
     p.add_argument("--dark", action="store_true",
                    help="--from-shape: dark particles on a bright background")
+    p.add_argument("--jitter", type=float, default=FT_JITTER,
+                   help="--from-shape: scale the learned PSF's widths by random factors "
+                        f"within exp(+-JITTER) (default {FT_JITTER})")
+    p.add_argument("--mix", type=float, default=FT_MIX,
+                   help="--from-shape: fraction of general training stacks mixed in "
+                        f"(default {FT_MIX})")
     p.add_argument("--log", default=None, help="also append the log to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -778,7 +815,7 @@ def run(args) -> int:
               crop=args.crop, vol=args.vol, lr=args.lr, fresh=args.fresh, buffer=args.buffer,
               workers=default_workers() if args.workers < 0 else args.workers,
               time_limit=args.time_limit, calibrate=args.calibrate,
-              progress=progress, cnr=cnr)
+              progress=progress, cnr=cnr, jitter=args.jitter, mix=args.mix)
     finally:
         if bar is not None:
             bar.close()

@@ -226,6 +226,32 @@ def test_fine_tune_on_a_learned_psf(tiny_trained):
         training.train(steps=1, init=out, shape=psf, **TINY)  # no voxel size, radius
 
 
+def test_fine_tuning_jitters_the_learned_psf_and_mixes_in_general_stacks():
+    from difftrack.shape import PSF
+
+    psf = PSF.init(0.1, 0.3, n_components=2)
+    vs = (0.15, 0.1, 0.1)
+    spec = training.shape_spec_from(psf, voxel_size=vs, radius=0.3, jitter=0.4, mix=0.25)
+    rng = np.random.default_rng(0)
+    ss = [training.random_settings(rng, spec) for _ in range(400)]
+    pinned = [s for s in ss if s["voxel_size"] == vs and abs(s["radius"] / 0.3 - 1) <= 0.05]
+    general = len(ss) - len(pinned)
+    assert 0.18 < general / len(ss) < 0.32  # mix = 0.25 (a general draw rarely hits vs)
+    f_xy = np.array([np.exp(np.asarray(s["psf"].log_sigma_xy - psf.log_sigma_xy)) for s in pinned])
+    f_z = np.array([np.exp(np.asarray(s["psf"].log_sigma_z - psf.log_sigma_z)) for s in pinned])
+    # one factor per axis for all components, within exp(+-0.4), spread over the range
+    assert np.allclose(f_xy[:, 0], f_xy[:, 1], rtol=1e-5) and np.allclose(f_z[:, 0], f_z[:, 1], rtol=1e-5)
+    for f in (f_xy[:, 0], f_z[:, 0]):
+        assert np.exp(-0.4) - 1e-5 <= f.min() < 0.75 and 1.4 < f.max() <= np.exp(0.4) + 1e-5
+    assert np.corrcoef(np.log(f_xy[:, 0]), np.log(f_z[:, 0]))[0, 1] < 0.2  # drawn apart
+    # off: the learned PSF itself, every time
+    spec0 = training.shape_spec_from(psf, voxel_size=vs, radius=0.3)
+    s0 = training.random_settings(np.random.default_rng(1), spec0)
+    assert s0["psf"] is psf
+    with pytest.raises(ValueError, match="jitter"):
+        training.shape_spec_from(psf, voxel_size=vs, radius=0.3, mix=1.0)
+
+
 def test_random_settings_cover_the_ranges():
     rng = np.random.default_rng(0)
     ss = [training.random_settings(rng) for _ in range(300)]

@@ -11,6 +11,7 @@ ignored, as crlb.json does for the dev stacks). ``--quick`` runs the three corne
 
 import argparse
 import itertools
+import json
 import time
 
 import numpy as np
@@ -36,7 +37,7 @@ def crlb(sim):
     return np.sqrt(np.median(np.diagonal(cov, axis1=1, axis2=2)[:, :3], axis=0))
 
 
-def run(phi, r_px, elong, shape, seed=0):
+def run(phi, r_px, elong, shape, seed=0, options=None):
     vs = (0.1, 0.1, 0.1)  # isotropic voxels: the radius is in px on every axis
     radius = r_px * 0.1
     sim = simulate(shape, voxel_size=vs, radius=radius, volume_fraction=phi, elongation=elong,
@@ -45,7 +46,7 @@ def run(phi, r_px, elong, shape, seed=0):
     inside = np.all((t >= -0.5) & (t <= np.asarray(shape) - 0.5), axis=1)
     start = degraded_start(sim.truth[inside], shape, np.random.default_rng(seed))
     t0 = time.perf_counter()
-    res = refine_positions(sim.image, start, voxel_size=vs, radius=radius)
+    res = refine_positions(sim.image, start, voxel_size=vs, radius=radius, **(options or {}))
     dt = time.perf_counter() - t0
     f = res.particles[["z", "y", "x"]].to_numpy()
     s = score(f, t[inside], radius=radius, voxel_size=vs, shape=shape)
@@ -65,15 +66,21 @@ def run(phi, r_px, elong, shape, seed=0):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--corner", type=int, nargs="+", default=None,
+                    help="only these corners of the --quick list (0, 1, 2)")
+    ap.add_argument("--options", type=json.loads, default=None,
+                    help="JSON object of keyword arguments for refine_positions")
     args = ap.parse_args()
     grid = list(itertools.product([0.3, 0.5, 0.58], [2.5, 4.0, 7.0], [1.0, 2.0, 3.0]))
     if args.quick:
         grid = [(0.3, 2.5, 1.0), (0.5, 4.0, 2.0), (0.58, 7.0, 3.0)]
+        if args.corner is not None:
+            grid = [grid[k] for k in args.corner]
     for phi, r, e in grid:
         # about 100-300 particles per stack: lateral size 7 diameters, depth 3
         n_xy = int(round(14 * r))
         shape = (max(16, int(round(6 * r))), n_xy, n_xy)
-        print(run(phi, r, e, shape), flush=True)
+        print(run(phi, r, e, shape, options=args.options), flush=True)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,8 @@ class RefineResult:
     noise: the ``NoiseModel``.
     stats: dict with rounds, added, removed, steps (of all joint fits), joint_fits, final
         chi^2 per voxel, seconds,
-        seconds_by_phase (shape fit, joint fit, add, remove), ...
+        seconds_by_phase (shape fit, joint fit, add, remove), gauge_shift (the common z
+        shift taken out at the end, voxels; absent when none was), ...
     """
 
     particles: pd.DataFrame
@@ -400,7 +401,8 @@ def _gain_map(resid_w, w, params: Params, geom, R, sign, reach):
 def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="auto",
                      max_rounds=6, steps=150, shape_steps=150, xtol=0.02, penalty=None, overlap=0.7,
                      noise=None, polish=2, min_amplitude=0.4, polydispersity=0.1, add_passes=3,
-                     max_move=1.0, progress=False, verbose=False, psf=None) -> RefineResult:
+                     max_move=1.0, gauge=True, progress=False, verbose=False,
+                     psf=None) -> RefineResult:
     """Refine rough centres to the best positions the light allows, add the missed
     particles, remove the spurious ones, and give per-particle uncertainties.
 
@@ -434,6 +436,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         where it entered the loop (its start, or where the addition put it): a soft wall
         in every joint fit. A particle the light would carry farther is another particle;
         the removal and the addition deal with it. None: no limit.
+    gauge : a common z shift of every centre and the opposite shift of the PSF give the
+        same image, and the alternating fits drift along it; with ``gauge`` the centres
+        are reported in their start's gauge: the interior starts' median z displacement
+        is 0 (the PSF shifted to match, the image unchanged). Off when ``psf`` is given.
     psf : a ``shape.PSF`` learned before (``result.model.psf``, e.g. from an earlier frame)
         to hold fixed instead of learning it; None learns it.
 
@@ -495,12 +501,14 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     # where each particle entered the loop (its start, or where the addition put it): the
     # centre of its trust region
     anchor = np.asarray(params.particles.pos, np.float32)
+    from_start = np.ones(len(anchor), bool)  # the particle in the slot is a start's
 
     def grow(params, mask, cap_new):
-        nonlocal anchor
+        nonlocal anchor, from_start
         k = cap_new - params.particles.pos.shape[0]
         p = params.particles
         anchor = np.concatenate([anchor, np.broadcast_to(park, (k, 3))]).astype(np.float32)
+        from_start = np.concatenate([from_start, np.zeros(k, bool)])
         pos = jnp.concatenate([p.pos, jnp.broadcast_to(jnp.asarray(park), (k, 3))])
         rad = jnp.concatenate([p.radius, jnp.full((k,), R0, jnp.float32)])
         amp = jnp.concatenate([p.amplitude, jnp.zeros((k,), jnp.float32)])
@@ -690,6 +698,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         mask[slots] = 1.0
         stats["added"] += len(slots)
         anchor[slots] = cand
+        from_start[slots] = False
         return params, len(slots)
 
     history = []
@@ -757,6 +766,27 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             m, w = weights(params)
             params, hist = joint_fit(params, w)
             history += hist
+
+    # ---- the z gauge: a common z shift of the centres and the opposite shift of the PSF
+    # give the same image (exactly for whole voxels; to the PSF's sampling, well below the
+    # noise, for less), and the alternating shape and position fits drift along it.
+    # Report the centres in their start's gauge: the median z displacement of the starts
+    # still held is 0, counting only those one radius from every face, where all their
+    # light is seen (near a face the fit compresses the centres towards the middle,
+    # docs/refine.md). The PSF is shifted to match.
+    lo_in = R0 / np.asarray(vs_eff) - 0.5
+    hi_in = np.asarray(image.shape) - 0.5 - R0 / np.asarray(vs_eff)
+    inner = np.all((anchor >= lo_in) & (anchor <= hi_in), axis=1)
+    st = np.flatnonzero((mask > 0) & from_start & inner)
+    if gauge and not hold_psf and len(st) >= 10:
+        pos = params.particles.pos
+        dz = float(np.median(np.asarray(pos)[st, 0] - anchor[st, 0]))
+        stats["gauge_shift"] = dz
+        params = Params(Particles(pos.at[:, 0].add(-dz), params.particles.radius,
+                                  params.particles.amplitude),
+                        dataclasses.replace(params.psf, z_offset=params.psf.z_offset
+                                            + np.float32(dz * vs_eff[0])),
+                        params.background)
 
     # ---- uncertainties and quality
     m, w = weights(params)

@@ -97,7 +97,7 @@ def main():
                      **{f"learned_{k}": np.asarray(getattr(spec["psf"], k)) for k in fields},
                      **{f"true_{k}": np.asarray(getattr(kw["psf"], k)) for k in fields},
                      voxel_size=np.asarray(VS), learned_radius=spec["radius"],
-                     true_radius=radius, cnr=float(cnr))
+                     true_radius=radius, cnr=float(cnr), dark=bool(spec["dark"]))
             print("wrote", args.save_spec, flush=True)
         if args.steps == 0:
             return

@@ -27,7 +27,7 @@ def load_spec(path, which):
     d = np.load(path)
     psf = PSF(*(np.asarray(d[f"{which}_{k}"], np.float32) for k in FIELDS))
     return dict(psf=psf, voxel_size=tuple(d["voxel_size"]), radius=float(d[f"{which}_radius"]),
-                cnr=float(d["cnr"]))
+                cnr=float(d["cnr"]), dark=bool(d["dark"]) if "dark" in d else None)
 
 
 def main():
@@ -53,7 +53,8 @@ def main():
 
         training.train(args.steps, batch=16, seed=0, out=out, init=neural.DEFAULT_WEIGHTS,
                        shape=spec["psf"], voxel_size=spec["voxel_size"], radius=spec["radius"],
-                       cnr=spec["cnr"], jitter=float(jitter), mix=float(mix), crop=48, vol=64,
+                       cnr=spec["cnr"], dark=spec["dark"], jitter=float(jitter), mix=float(mix),
+                       crop=48, vol=64,
                        fresh=0.25, buffer=256, workers=args.workers, time_limit=args.time_limit,
                        calibrate=4, log=log)
         logf.close()

@@ -493,7 +493,8 @@ def evaluate(model, stacks, thresholds=None, tile=neural.DEFAULT_TILE):
 def train(steps=DEFAULT_STEPS, batch=4, seed=0, out=None, init=None, shape=None, log=print, *,
           crop=32, vol=48, lr=None, warmup=None, fresh=0.15, buffer=40, workers=0,
           features=DEFAULT_FEATURES, time_limit=None, calibrate=8, progress=None,
-          save_every=500, voxel_size=None, radius=None, cnr=None, jitter=FT_JITTER, mix=FT_MIX):
+          save_every=500, voxel_size=None, radius=None, cnr=None, jitter=FT_JITTER, mix=FT_MIX,
+          dark=None):
     """Train (or fine-tune) the detector on simulated stacks; returns (model, header).
 
     Parameters
@@ -507,7 +508,8 @@ def train(steps=DEFAULT_STEPS, batch=4, seed=0, out=None, init=None, shape=None,
         ``voxel_size`` and ``radius``) or a fitted ``model.Model``; ``cnr`` (optional)
         centres the contrast-to-noise range on that of the user's stack; ``jitter`` and
         ``mix`` as in ``shape_spec_from`` (defaults measured in docs/detector.md: the
-        shape learned from a dense, blurred stack came out ~30% too sharp).
+        shape learned from a dense, blurred stack came out ~30% too sharp); ``dark``:
+        the particles' polarity (default: the fitted model's; random for a PSF).
     log : callable taking a line of text (None: silent).
     crop, vol : training crop and simulated volume, canonical voxels per axis.
     lr, warmup : peak learning rate (Adam; default 2e-3, 5e-4 when fine-tuning) and
@@ -528,7 +530,8 @@ def train(steps=DEFAULT_STEPS, batch=4, seed=0, out=None, init=None, shape=None,
         model = new_unet(features, int(seed))
         header0 = {}
     spec = None if shape is None else shape_spec_from(shape, voxel_size=voxel_size,
-                                                      radius=radius, cnr=cnr, jitter=jitter, mix=mix)
+                                                      radius=radius, dark=dark, cnr=cnr,
+                                                      jitter=jitter, mix=mix)
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer()
     opt_state = tx.init(params)

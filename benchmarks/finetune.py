@@ -31,6 +31,29 @@ from difftrack.detect import find_peaks
 VS = (0.15, 0.1, 0.1)
 
 
+FIELDS = ("log_sigma_xy", "log_sigma_z", "z_offset", "logit_weight")
+
+
+def save_spec(path, spec, true_psf, true_radius, cnr):
+    """The learned shape (``spec`` from ``training.shape_spec_from``) and the true one, for
+    ``load_spec`` (benchmarks/finetune_gpu.py)."""
+    np.savez(path, **{f"learned_{k}": np.asarray(getattr(spec["psf"], k)) for k in FIELDS},
+             **{f"true_{k}": np.asarray(getattr(true_psf, k)) for k in FIELDS},
+             voxel_size=np.asarray(spec["voxel_size"]), learned_radius=spec["radius"],
+             true_radius=true_radius, cnr=float(cnr), dark=bool(spec["dark"]))
+
+
+def load_spec(path, which):
+    """``which`` = "learned" or "true": dict(psf, voxel_size, radius, cnr, dark) of a
+    ``save_spec`` file (dark None where the file predates it)."""
+    from difftrack.shape import PSF
+
+    d = np.load(path)
+    psf = PSF(*(np.asarray(d[f"{which}_{k}"], np.float32) for k in FIELDS))
+    return dict(psf=psf, voxel_size=tuple(d["voxel_size"]), radius=float(d[f"{which}_radius"]),
+                cnr=float(d["cnr"]), dark=bool(d["dark"]) if "dark" in d else None)
+
+
 def evaluate(sim, radius, weights, threshold=None):
     r_vox = radius / np.asarray(VS)
     t = sim.truth[["z", "y", "x"]].to_numpy()
@@ -91,13 +114,8 @@ def main():
                        true_radius=radius, cnr=round(float(cnr), 2))
         print("learned shape", json.dumps(learned), f"({t_shape:.0f} s)", flush=True)
         if args.save_spec:
-            spec = training.shape_spec_from(model, cnr=cnr)
-            fields = ("log_sigma_xy", "log_sigma_z", "z_offset", "logit_weight")
-            np.savez(args.save_spec,
-                     **{f"learned_{k}": np.asarray(getattr(spec["psf"], k)) for k in fields},
-                     **{f"true_{k}": np.asarray(getattr(kw["psf"], k)) for k in fields},
-                     voxel_size=np.asarray(VS), learned_radius=spec["radius"],
-                     true_radius=radius, cnr=float(cnr), dark=bool(spec["dark"]))
+            save_spec(args.save_spec, training.shape_spec_from(model, cnr=cnr), kw["psf"],
+                      radius, cnr)
             print("wrote", args.save_spec, flush=True)
         if args.steps == 0:
             return

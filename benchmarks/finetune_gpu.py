@@ -8,26 +8,16 @@ Each variant is NAME:WHICH:JITTER:MIX: the shape saved in SPECS/NAME.npz by
 the simulator's own: the control), the PSF-width jitter and the fraction of general
 volumes (``training.shape_spec_from``). Every variant trains for ``--time-limit`` seconds
 (batch 16 crops of 48^3 from 64^3 volumes, as ``train_gpu.sh``) and writes
-OUT_DIR/NAME_WHICH_JITTER_MIX.npz; score them with ``benchmarks/finetune.py --weights``.
+OUT_DIR/NAME_WHICH_JITTER_MIX.npz; score them with ``benchmarks/finetune.py --score``.
 """
 
 import argparse
 import os
 from pathlib import Path
 
-import numpy as np
+from finetune import load_spec
 
 from difftrack import neural, training
-from difftrack.shape import PSF
-
-FIELDS = ("log_sigma_xy", "log_sigma_z", "z_offset", "logit_weight")
-
-
-def load_spec(path, which):
-    d = np.load(path)
-    psf = PSF(*(np.asarray(d[f"{which}_{k}"], np.float32) for k in FIELDS))
-    return dict(psf=psf, voxel_size=tuple(d["voxel_size"]), radius=float(d[f"{which}_radius"]),
-                cnr=float(d["cnr"]), dark=bool(d["dark"]) if "dark" in d else None)
 
 
 def main():

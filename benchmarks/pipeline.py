@@ -13,8 +13,8 @@ radius from each face): recall, precision, RMSE per axis over the Cramer-Rao bou
 (crlb.json), and the time of each stage.
 """
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -27,11 +27,8 @@ import difftrack as dt
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev"
 
 
-STARTS = ("unet", "classical")
-
-
-def run(name, data, truth, radius, vs, crlb_zyx):
-    for detector in STARTS:
+def run(name, data, truth, radius, vs, crlb_zyx, starts=("unet", "classical")):
+    for detector in starts:
         t0 = time.perf_counter()
         found = dt.track(data, detector=detector)
         t1 = time.perf_counter()
@@ -52,7 +49,7 @@ def run(name, data, truth, radius, vs, crlb_zyx):
         print(json.dumps(row), flush=True)
 
 
-def simulated():
+def simulated(starts):
     from refine_sim import crlb
 
     vs, radius = (0.1, 0.1, 0.1), 0.35
@@ -62,17 +59,12 @@ def simulated():
     print(json.dumps(dict(stack="sim_5k", particles_in_stack=int(inside.sum()),
                           shape=list(sim.image.shape))), flush=True)
     data = dt.preprocess(sim.image, voxel_size=vs, radius=radius, invert=False)
-    run("sim_5k", data, t, radius, vs, crlb(sim))
+    run("sim_5k", data, t, radius, vs, crlb(sim), starts)
 
 
-def main(names):
-    global STARTS
-    if "--start" in names:
-        i = names.index("--start")
-        STARTS = (names[i + 1],)
-        names = names[:i] + names[i + 2:]
-    if names == ["--sim"]:
-        return simulated()
+def main(names, sim=False, starts=("unet", "classical")):
+    if sim:
+        return simulated(starts)
     crlb = json.loads((DEV / "crlb.json").read_text())
     for name in names:
         meta = json.loads((DEV / f"{name}.json").read_text())
@@ -83,8 +75,14 @@ def main(names):
             vs, radius = (1.0, 1.0, 1.0), meta["radius"]
         invert = meta.get("bright") is False
         data = dt.preprocess(DEV / f"{name}.tif", voxel_size=vs, radius=radius, invert=invert)
-        run(name, data, truth, radius, vs, crlb[name]["crlb_rms_zyx"])
+        run(name, data, truth, radius, vs, crlb[name]["crlb_rms_zyx"], starts)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["dev_peri_r3_phi50_dark"])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", default=["dev_peri_r3_phi50_dark"], help="dev stacks")
+    ap.add_argument("--sim", action="store_true", help="the simulated ~5,000-particle stack")
+    ap.add_argument("--start", choices=("unet", "classical"), default=None,
+                    help="one start only (default: both)")
+    args = ap.parse_args()
+    main(args.names, args.sim, (args.start,) if args.start else ("unet", "classical"))

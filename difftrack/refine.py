@@ -41,6 +41,7 @@ from scipy.spatial import cKDTree
 
 from ._checks import check_positions, check_stack, check_voxel_size
 from .detect import _ellipsoid
+from .metrics import _interior
 from .model import (Model, _normalise, fit_parameters, fit_shape, radius_spread_penalty,
                     to_image_units, to_normalised_units)
 from .optimize import minimize
@@ -774,10 +775,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     # still held is 0, counting only those one radius from every face, where all their
     # light is seen (near a face the fit compresses the centres towards the middle,
     # docs/refine.md). The PSF is shifted to match.
-    lo_in = R0 / np.asarray(vs_eff) - 0.5
-    hi_in = np.asarray(image.shape) - 0.5 - R0 / np.asarray(vs_eff)
-    inner = np.all((anchor >= lo_in) & (anchor <= hi_in), axis=1)
-    st = np.flatnonzero((mask > 0) & from_start & inner)
+    st = np.flatnonzero((mask > 0) & from_start
+                        & _interior(anchor, np.asarray(image.shape), R0 / np.asarray(vs_eff)))
     if gauge and not hold_psf and len(st) >= 10:
         pos = params.particles.pos
         dz = float(np.median(np.asarray(pos)[st, 0] - anchor[st, 0]))

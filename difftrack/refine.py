@@ -14,8 +14,9 @@ The loop (``refine_positions``):
    addition at the peaks of the residual's matched-filter gain map above the penalty.
    Until a round neither adds nor removes.
 4. Per-particle sigma_z, sigma_y, sigma_x from the Fisher information of the fitted model
-   (the 5x5 block of the particle's own position, amplitude and radius), and a fit
-   quality (local residual over noise).
+   (each particle's position, amplitude and radius, with those of its most strongly
+   coupled neighbours free too: ``fisher.coupled_covariance``), and a fit quality (local
+   residual over noise).
 
 Model selection penalty: a particle is kept only if it lowers chi^2 by more than
 ``penalty`` = 5 ln(n_voxels) (BIC for its five parameters): pure noise never pays that.
@@ -41,11 +42,12 @@ from scipy.spatial import cKDTree
 
 from ._checks import check_positions, check_stack, check_voxel_size
 from .detect import _ellipsoid
+from .fisher import at_voxels, coupled_covariance, own_blocks
 from .metrics import _interior
 from .model import (Model, _normalise, fit_parameters, fit_shape, radius_spread_penalty,
                     to_image_units, to_normalised_units)
 from .optimize import minimize
-from .render import (Geometry, Params, Particles, background_field, correlate, gather_patches,
+from .render import (Params, Particles, background_field, correlate, gather_patches,
                      illumination_field, kernel_on_grid, patch_values, render, stack_region,
                      to_canvas)
 from .shape import voxel_ball
@@ -234,74 +236,6 @@ def _pairs(pos, mask, reach, capacity):
 # per-particle quantities (numpy side, between fits)
 
 
-def _unit_light(R, psf, geom: Geometry, offset=(0.0, 0.0, 0.0)):
-    """Light of one unit-amplitude particle of radius R (PSF-blurred partial-volume sphere)
-    on a small grid around it, and its derivatives in (z, y, x) voxels and R: (5, ...)
-    columns dz, dy, dx, da (the light itself), dR."""
-    h = tuple(p + k for p, k in zip(geom.patch_half, geom.kernel_half))
-    vs = geom.voxel_size
-    kernel = psf.kernel(vs, geom.kernel_half)
-    kf = jnp.fft.rfftn(kernel_on_grid(kernel, geom.kernel_half, tuple(2 * hh + 1 for hh in h)))
-    ax = [jnp.arange(-hh, hh + 1, dtype=jnp.float32) for hh in h]
-
-    def light(theta):
-        c = theta[:3]
-        ball = voxel_ball((ax[0][:, None, None] - c[0]) * vs[0], (ax[1][None, :, None] - c[1]) * vs[1],
-                          (ax[2][None, None, :] - c[2]) * vs[2], theta[3], vs)
-        return jnp.fft.irfftn(jnp.fft.rfftn(jnp.fft.ifftshift(ball)) * kf, s=ball.shape)
-
-    theta = jnp.asarray([*offset, R], jnp.float32)
-    L = light(theta)
-    J = jax.jacfwd(light)(theta)  # (..., 4)
-    J = jnp.moveaxis(J, -1, 0)
-    return jnp.stack([J[0], J[1], J[2], L, J[3]])
-
-
-def _fisher_tables(radii_grid, psf, geom):
-    """Unit-amplitude, unit-weight Fisher blocks G(R) (5x5), one per radius of the grid."""
-    Gs = []
-    for R in radii_grid:
-        cols = np.asarray(_unit_light(float(R), psf, geom, offset=(0.1, 0.2, 0.3)), np.float64)
-        cols = cols.reshape(5, -1)
-        Gs.append(cols @ cols.T)
-    return np.asarray(Gs)
-
-
-def _interp_tables(R, radii_grid, Gs):
-    """The Fisher blocks at radii R, linearly interpolated in the table: (n, 5, 5)."""
-    if len(radii_grid) == 1:
-        return np.broadcast_to(Gs[0], (len(R), 5, 5)).copy()
-    t = np.clip(np.interp(R, radii_grid, np.arange(len(radii_grid))), 0, len(radii_grid) - 1)
-    k = np.clip(np.floor(t).astype(int), 0, len(radii_grid) - 2)
-    f = (t - k)[:, None, None]
-    return Gs[k] * (1 - f) + Gs[k + 1] * f
-
-
-def _fisher_blocks(params: Params, idx, w, geom, amplitude_floor=0.0, radius_prior=0.0):
-    """Each particle's own Fisher block (5x5: z, y, x in voxels, amplitude, radius) for
-    the particles ``idx``: the unit table at its radius times its amplitude, the
-    illumination and the mean weight around it (neighbours ignored), plus the information
-    ``radius_prior`` of the radius-spread prior (its curvature, chi^2 units) on the
-    radius. Amplitudes are taken at least ``amplitude_floor`` in magnitude."""
-    R = np.asarray(params.particles.radius)[idx]
-    a = np.asarray(params.particles.amplitude)[idx]
-    a = np.where(a < 0, -1.0, 1.0) * np.maximum(np.abs(a), amplitude_floor)
-    pos = np.asarray(params.particles.pos)[idx]
-    radii_grid = np.unique(np.quantile(R, [0.0, 0.5, 1.0]))
-    G = _interp_tables(R, radii_grid, _fisher_tables(radii_grid, params.psf, geom))
-    Lf = np.asarray(stack_region(illumination_field(params.background, geom), geom))
-    wc = _local_mean(np.asarray(w), pos, np.median(R) / np.asarray(geom.voxel_size))
-    D = np.stack([a, a, a, np.ones_like(a), a], axis=1)
-    F = G * (D[:, :, None] * D[:, None, :]) * (wc * _at_voxels(Lf, pos) ** 2)[:, None, None]
-    F[:, 4, 4] += radius_prior
-    return F
-
-
-def _at_voxels(field, pos):
-    idx = np.clip(np.rint(pos).astype(int), 0, np.asarray(field.shape) - 1)
-    return np.asarray(field)[idx[:, 0], idx[:, 1], idx[:, 2]]
-
-
 def _removal_gain(params: Params, resid_w, w, geom):
     """chi^2 increase if each particle were removed (its neighbours held), exactly:
     sum_v w m_i^2 + 2 <m_i, w r>, m_i = PSF * (L a_i ball_i) particle i's light."""
@@ -402,7 +336,7 @@ def _gain_map(resid_w, w, params: Params, geom, R, sign, reach):
 def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="auto",
                      max_rounds=6, steps=150, shape_steps=150, xtol=0.02, penalty=None, overlap=0.7,
                      noise=None, polish=2, min_amplitude=0.4, polydispersity=0.1, add_passes=3,
-                     max_move=1.0, gauge=True, progress=False, verbose=False,
+                     max_move=1.0, gauge=True, neighbours=12, progress=False, verbose=False,
                      psf=None) -> RefineResult:
     """Refine rough centres to the best positions the light allows, add the missed
     particles, remove the spurious ones, and give per-particle uncertainties.
@@ -441,6 +375,9 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         same image, and the alternating fits drift along it; with ``gauge`` the centres
         are reported in their start's gauge: the interior starts' median z displacement
         is 0 (the PSF shifted to match, the image unchanged). Off when ``psf`` is given.
+    neighbours : each particle's uncertainties count this many of its most strongly
+        coupled neighbours' parameters as free too (``fisher.coupled_covariance``); 0
+        ignores the neighbours (optimistic in dense packings).
     psf : a ``shape.PSF`` learned before (``result.model.psf``, e.g. from an earlier frame)
         to hold fixed instead of learning it; None learns it.
 
@@ -454,6 +391,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     pos0 = check_positions(positions, shape=image.shape)
     if max_move is not None and not (np.isfinite(max_move) and max_move > 0):
         raise ValueError(f"max_move must be a positive number of radii or None; got {max_move}")
+    if int(neighbours) != neighbours or neighbours < 0:
+        raise ValueError(f"neighbours must be a whole number >= 0; got {neighbours}")
     if int(add_passes) != add_passes or add_passes < 1:
         raise ValueError(f"add_passes must be a whole number >= 1; got {add_passes}")
     if len(pos0) == 0:
@@ -552,7 +491,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         M = np.broadcast_to(np.eye(5), (mask.size, 5, 5)).copy()  # empty slots
         if len(act):
             med = float(np.median(np.abs(np.asarray(params.particles.amplitude)[act])))
-            F = _fisher_blocks(params, act, w, geom, amplitude_floor=0.3 * med,
+            F = own_blocks(params, act, w, geom, amplitude_floor=0.3 * med,
                                radius_prior=kappa)
             d = np.diagonal(F, axis1=1, axis2=2)
             F = F + np.eye(5)[None] * (1e-6 * d[:, None, :] + 1e-30)
@@ -681,7 +620,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         far = d > overlap * 2.0 * Rm  # closer would be removed as an overlap
         cand, amp_c = cand[far], amp_c[far]
         Lf = np.asarray(stack_region(illumination_field(params.background, geom), geom))
-        amp0 = amp_c / np.maximum(_at_voxels(Lf, cand), 1e-3)
+        amp0 = amp_c / np.maximum(at_voxels(Lf, cand), 1e-3)
         ok = np.abs(amp0) >= min_amplitude * med_a  # as bright as a particle can be
         cand, amp0 = cand[ok], amp0[ok]
         if len(cand) == 0:
@@ -797,9 +736,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     R = np.asarray(params.particles.radius)[act]
     a = np.asarray(params.particles.amplitude)[act]
     pos = np.asarray(params.particles.pos)[act]
-    F = _fisher_blocks(params, act, w, geom, radius_prior=kappa)  # posterior
-    F = F + np.eye(5)[None] * 1e-9 * np.trace(F, axis1=1, axis2=2)[:, None, None]
-    cov = np.linalg.inv(F)
+    cov = coupled_covariance(params, act, w, geom, radius_prior=kappa,  # posterior
+                             neighbours=neighbours)
     sig = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2)[:, :3], 0, None))
     final = Params(Particles(jnp.asarray(pos), jnp.asarray(R), jnp.asarray(a)), params.psf,
                    params.background)
@@ -824,15 +762,6 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                  seconds_by_phase={k: round(v, 2) for k, v in seconds.items()})
     noise = NoiseModel(noise_n.a * scale**2, noise_n.b * scale, noise_n.m0 * scale + centre)
     return RefineResult(particles=df, model=model, noise=noise, stats=stats)
-
-
-def _local_mean(field, pos, rad_vox):
-    """Mean of a stack field in a small box (half-width ~ half the radius per axis, in
-    voxels of each axis) at each centre."""
-    size = [2 * max(int(round(0.5 * float(r))), 0) + 1 for r in np.broadcast_to(rad_vox, (3,))]
-    f = ndimage.uniform_filter(np.asarray(field, np.float64), size=size, mode="nearest")
-    return _at_voxels(f, pos)
-
 
 
 def _empty_result(params, geom, vs, noise_n, centre, scale, history, stats, image, seconds, w, r):

@@ -226,14 +226,14 @@ def test_whitening_makes_each_particles_own_curvature_the_identity(sim):
     # exact curvature of chi^2 / 2 in u must then be close to the identity
     import jax
 
-    from difftrack.refine import _fisher_blocks
+    from difftrack.fisher import own_blocks
 
     p, g = sim.params, sim.geometry
     w = jnp.asarray(1.0 / sim.noise_variance, jnp.float32)
     pos = np.asarray(p.particles.pos)
     interior = np.flatnonzero(np.all((pos > 3) & (pos < np.asarray(g.shape) - 4), axis=1))
     for i in interior[:3]:
-        F = _fisher_blocks(p, np.asarray([i]), np.asarray(w), g)[0]
+        F = own_blocks(p, np.asarray([i]), np.asarray(w), g)[0]
         M = jnp.asarray(np.linalg.inv(np.linalg.cholesky(F)).T, jnp.float32)
 
         def image(u, i=i, M=M):
@@ -262,7 +262,8 @@ def test_joint_fits_first_step_is_about_a_newton_step(sim):
     # could stop before it had started)
     import jax
 
-    from difftrack.refine import _fisher_blocks, _offset_scales, _whitened_loss
+    from difftrack.fisher import own_blocks
+    from difftrack.refine import _offset_scales, _whitened_loss
 
     p, g = sim.params, sim.geometry
     data = render(p, g)
@@ -272,7 +273,7 @@ def test_joint_fits_first_step_is_about_a_newton_step(sim):
     i = int(np.argmin(np.linalg.norm(pos - np.asarray(g.shape) / 2, axis=1)))
     shift = np.asarray([0.2, -0.3, 0.3], np.float32)
     base = (p.particles.pos.at[i].add(shift), p.particles.radius, p.particles.amplitude, p.background)
-    F = _fisher_blocks(p, np.arange(n), np.asarray(w), g)
+    F = own_blocks(p, np.arange(n), np.asarray(w), g)
     M = jnp.asarray(np.swapaxes(np.linalg.inv(np.linalg.cholesky(F)), 1, 2), jnp.float32)
     s_off = _offset_scales(p, w, g)
     static = (g, ((-50.0,) * 3, (50.0,) * 3), 0.7)

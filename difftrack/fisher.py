@@ -1,0 +1,236 @@
+"""Fisher information of particle parameters, from the derivatives of one unit particle.
+
+A particle's light is amplitude x (PSF * ball of radius R at its centre). Its derivatives
+in (z, y, x), amplitude and R are computed once, for a unit particle on a small grid
+(``unit_light``, forward-mode JAX derivatives of the renderer's own ball and PSF).
+From them:
+
+- ``own_blocks``: each particle's own 5x5 block (z, y, x in voxels, amplitude, radius),
+  from a table over radius, scaled by its amplitude and the local weight (1 / variance);
+- ``coupled_covariance``: each particle's 5x5 covariance with its touching neighbours'
+  parameters free too. The cross block of two particles is the cross-correlation of the
+  unit derivatives at their displacement (``coupling_table``, one FFT correlation per
+  pair of columns, interpolated at the sub-voxel displacement); each particle's cluster
+  (itself and its most strongly coupled neighbours, with the neighbours' couplings among
+  themselves) is inverted and its own block read off.
+
+Both treat the weight as constant over a particle's light and count light that falls
+outside the stack: optimistic at the faces. The cluster leaves out the neighbours'
+other neighbours, so the coupled sigma is still a lower bound on the whole-stack one,
+but a much closer one in dense packings (tests/test_fisher.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import ndimage, signal
+from scipy.spatial import cKDTree
+
+from .render import Geometry, Params, illumination_field, kernel_on_grid, stack_region
+from .shape import voxel_ball
+
+COLUMNS = ("z", "y", "x", "amplitude", "radius")
+
+
+def unit_light(R, psf, geom: Geometry, offset=(0.0, 0.0, 0.0)):
+    """Light of one unit-amplitude particle of radius R (PSF-blurred partial-volume sphere)
+    on a small grid around it, and its derivatives in (z, y, x) voxels and R: (5, ...)
+    columns dz, dy, dx, da (the light itself), dR. The grid is wrapped: the centre (plus
+    ``offset``) sits at index 0 (``np.fft.fftshift`` centres it)."""
+    h = tuple(p + k for p, k in zip(geom.patch_half, geom.kernel_half))
+    vs = geom.voxel_size
+    kernel = psf.kernel(vs, geom.kernel_half)
+    kf = jnp.fft.rfftn(kernel_on_grid(kernel, geom.kernel_half, tuple(2 * hh + 1 for hh in h)))
+    ax = [jnp.arange(-hh, hh + 1, dtype=jnp.float32) for hh in h]
+
+    def light(theta):
+        c = theta[:3]
+        ball = voxel_ball((ax[0][:, None, None] - c[0]) * vs[0], (ax[1][None, :, None] - c[1]) * vs[1],
+                          (ax[2][None, None, :] - c[2]) * vs[2], theta[3], vs)
+        return jnp.fft.irfftn(jnp.fft.rfftn(jnp.fft.ifftshift(ball)) * kf, s=ball.shape)
+
+    theta = jnp.asarray([*offset, R], jnp.float32)
+    L = light(theta)
+    J = jax.jacfwd(light)(theta)  # (..., 4)
+    J = jnp.moveaxis(J, -1, 0)
+    return jnp.stack([J[0], J[1], J[2], L, J[3]])
+
+
+def fisher_tables(radii_grid, psf, geom):
+    """Unit-amplitude, unit-weight Fisher blocks G(R) (5x5), one per radius of the grid."""
+    Gs = []
+    for R in radii_grid:
+        cols = np.asarray(unit_light(float(R), psf, geom, offset=(0.1, 0.2, 0.3)), np.float64)
+        cols = cols.reshape(5, -1)
+        Gs.append(cols @ cols.T)
+    return np.asarray(Gs)
+
+
+def interp_tables(R, radii_grid, Gs):
+    """The Fisher blocks at radii R, linearly interpolated in the table: (n, 5, 5)."""
+    if len(radii_grid) == 1:
+        return np.broadcast_to(Gs[0], (len(R), 5, 5)).copy()
+    t = np.clip(np.interp(R, radii_grid, np.arange(len(radii_grid))), 0, len(radii_grid) - 1)
+    k = np.clip(np.floor(t).astype(int), 0, len(radii_grid) - 2)
+    f = (t - k)[:, None, None]
+    return Gs[k] * (1 - f) + Gs[k + 1] * f
+
+
+def _scales(params: Params, idx, w, geom, amplitude_floor):
+    """Per particle: the derivative scales (a, a, a, 1, a) and sqrt(local weight) x L."""
+    R = np.asarray(params.particles.radius)[idx]
+    a = np.asarray(params.particles.amplitude)[idx]
+    a = np.where(a < 0, -1.0, 1.0) * np.maximum(np.abs(a), amplitude_floor)
+    pos = np.asarray(params.particles.pos)[idx]
+    Lf = np.asarray(stack_region(illumination_field(params.background, geom), geom))
+    wc = local_mean(np.asarray(w), pos, np.median(R) / np.asarray(geom.voxel_size))
+    D = np.stack([a, a, a, np.ones_like(a), a], axis=1)
+    return D, np.sqrt(wc) * at_voxels(Lf, pos)
+
+
+def own_blocks(params: Params, idx, w, geom, amplitude_floor=0.0, radius_prior=0.0):
+    """Each particle's own Fisher block (5x5: z, y, x in voxels, amplitude, radius) for
+    the particles ``idx``: the unit table at its radius times its amplitude, the
+    illumination and the mean weight around it (neighbours ignored), plus the information
+    ``radius_prior`` of the radius-spread prior (its curvature, chi^2 units) on the
+    radius. Amplitudes are taken at least ``amplitude_floor`` in magnitude."""
+    R = np.asarray(params.particles.radius)[idx]
+    radii_grid = np.unique(np.quantile(R, [0.0, 0.5, 1.0]))
+    G = interp_tables(R, radii_grid, fisher_tables(radii_grid, params.psf, geom))
+    D, s = _scales(params, idx, w, geom, amplitude_floor)
+    F = G * (D[:, :, None] * D[:, None, :]) * (s * s)[:, None, None]
+    F[:, 4, 4] += radius_prior
+    return F
+
+
+def coupling_table(R, psf, geom):
+    """C[a, b] (d) = sum_u J_a(u) J_b(u - d): the Fisher cross block of two unit particles
+    of radius R whose centres are d voxels apart (d on the integer grid; index d + n - 1,
+    n the grid's size per axis). Shape (5, 5, 2n_z - 1, 2n_y - 1, 2n_x - 1)."""
+    # unit_light's fields are wrapped (centre at index 0): centre them for a linear correlation
+    J = np.fft.fftshift(np.asarray(unit_light(float(R), psf, geom), np.float64), axes=(1, 2, 3))
+    flipped = J[:, ::-1, ::-1, ::-1]
+    return np.stack([np.stack([signal.fftconvolve(J[a], flipped[b], mode="full")
+                               for b in range(5)]) for a in range(5)])
+
+
+def _cross_blocks(C, d):
+    """Cross blocks (m, 5, 5) at displacements d (m, 3) voxels: trilinear interpolation of
+    the table, zero beyond its reach."""
+    n = (np.asarray(C.shape[2:]) + 1) // 2
+    coords = (np.asarray(d, np.float64) + (n - 1)).T
+    out = np.empty((len(d), 5, 5))
+    for a in range(5):
+        for b in range(5):
+            out[:, a, b] = ndimage.map_coordinates(C[a, b], coords, order=1, mode="constant", cval=0.0)
+    return out
+
+
+def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbours=12,
+                       min_coupling=0.02, batch=2048):
+    """Each particle's 5x5 covariance (z, y, x voxels, amplitude, radius) with the
+    parameters of its most strongly coupled neighbours free too.
+
+    For particle i, the cluster is i and up to ``neighbours`` others whose position
+    cross-correlation with i (|F_ij| / sqrt(F_ii F_jj) on some axis) is at least
+    ``min_coupling``; its Fisher matrix (own blocks from ``own_blocks``, cross blocks
+    from ``coupling_table`` at the median radius) is inverted and i's block returned.
+    The radius-spread prior's curvature ``radius_prior`` is added to each radius.
+    A cluster whose matrix is not positive definite falls back to i's own block.
+    """
+    idx = np.asarray(idx)
+    n = len(idx)
+    F_own = own_blocks(params, idx, w, geom, radius_prior=radius_prior)
+    eps = np.eye(5)[None] * 1e-9 * np.trace(F_own, axis1=1, axis2=2)[:, None, None]
+    F_own = F_own + eps
+    cov_own = np.linalg.inv(F_own)
+    if n < 2 or neighbours < 1:
+        return cov_own
+    R = np.asarray(params.particles.radius)[idx]
+    C = coupling_table(float(np.median(R)), params.psf, geom)
+    D, s = _scales(params, idx, w, geom, 0.0)
+    pos = np.asarray(params.particles.pos, np.float64)[idx]
+
+    def cross(i, j):  # (m,) x (m,) -> (m, 5, 5) blocks F_ij
+        G = _cross_blocks(C, pos[j] - pos[i])
+        return G * (D[i][:, :, None] * D[j][:, None, :]) * (s[i] * s[j])[:, None, None]
+
+    # candidates: the nearest particles within the table's reach, in physical distance
+    reach = (np.asarray(C.shape[2:]) - 1) // 2
+    vs = np.asarray(geom.voxel_size)
+    k = min(n, 3 * neighbours + 1)
+    dist, cand = cKDTree(pos * vs).query(pos * vs, k=k)
+    cand = np.where(np.isfinite(dist), cand, n)[:, 1:]
+    ii = np.repeat(np.arange(n), cand.shape[1])
+    jj = cand.ravel()
+    ok = jj < n
+    ok[ok] &= np.all(np.abs(pos[jj[ok]] - pos[ii[ok]]) < reach, axis=1)
+    strength = np.zeros(len(ii))
+    Fij = cross(ii[ok], jj[ok])
+    dg = np.diagonal(F_own, axis1=1, axis2=2)[:, :3]
+    strength[ok] = np.max(np.abs(np.diagonal(Fij, axis1=1, axis2=2)[:, :3])
+                          / np.sqrt(dg[ii[ok]] * dg[jj[ok]]), axis=1)
+    strength = strength.reshape(n, -1)
+    order = np.argsort(-strength, axis=1)[:, :neighbours]
+    nb = np.take_along_axis(cand, order, axis=1)
+    nb = np.where(np.take_along_axis(strength, order, axis=1) >= min_coupling, nb, -1)
+
+    cov = cov_own.copy()
+    m = nb.shape[1] + 1
+    for start in range(0, n, batch):
+        rows = np.arange(start, min(n, start + batch))
+        nodes = np.concatenate([rows[:, None], nb[rows]], axis=1)  # (b, m); -1: empty
+        b = len(rows)
+        H = np.zeros((b, m, m, 5, 5))
+        real = nodes >= 0
+        safe = np.where(real, nodes, 0)
+        for p in range(m):
+            H[:, p, p] = np.where(real[:, p, None, None], F_own[safe[:, p]], np.eye(5))
+            for q in range(p + 1, m):
+                both = real[:, p] & real[:, q]
+                if not both.any():
+                    continue
+                blk = np.zeros((b, 5, 5))
+                blk[both] = cross(safe[both, p], safe[both, q])
+                H[:, p, q] = blk
+                H[:, q, p] = np.swapaxes(blk, 1, 2)
+        H = H.transpose(0, 1, 3, 2, 4).reshape(b, 5 * m, 5 * m)
+        L, info = _batched_cholesky(H)
+        good = info
+        if good.any():
+            e = np.zeros((int(good.sum()), 5 * m, 5))
+            e[:, :5, :] = np.eye(5)
+            x = np.linalg.solve(H[good], e)
+            cov[rows[good]] = x[:, :5, :]
+    return cov
+
+
+def _batched_cholesky(H):
+    """Cholesky of each matrix; (factors, positive-definite flags)."""
+    ok = np.ones(len(H), bool)
+    out = np.zeros_like(H)
+    try:
+        out = np.linalg.cholesky(H)
+    except np.linalg.LinAlgError:
+        for i in range(len(H)):
+            try:
+                out[i] = np.linalg.cholesky(H[i])
+            except np.linalg.LinAlgError:
+                ok[i] = False
+    return out, ok
+
+
+def at_voxels(field, pos):
+    """Values of a stack field at the voxels nearest to ``pos`` (clipped into the stack)."""
+    idx = np.clip(np.rint(pos).astype(int), 0, np.asarray(field.shape) - 1)
+    return np.asarray(field)[idx[:, 0], idx[:, 1], idx[:, 2]]
+
+
+def local_mean(field, pos, rad_vox):
+    """Mean of a stack field in a small box (half-width ~ half the radius per axis, in
+    voxels of each axis) at each centre."""
+    size = [2 * max(int(round(0.5 * float(r))), 0) + 1 for r in np.broadcast_to(rad_vox, (3,))]
+    f = ndimage.uniform_filter(np.asarray(field, np.float64), size=size, mode="nearest")
+    return at_voxels(f, pos)

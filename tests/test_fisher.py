@@ -1,0 +1,79 @@
+"""Uncertainties from the Fisher information: the coupled cluster covariance against the
+exact whole-stack Fisher matrix (finite differences of the renderer, every parameter of
+every particle), on a dense simulated stack."""
+
+import jax
+import numpy as np
+import pytest
+
+from difftrack import simulate
+from difftrack.fisher import coupled_covariance, coupling_table, own_blocks, unit_light
+from difftrack.render import Params, Particles, render
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return simulate((16, 28, 32), voxel_size=(0.2, 0.1, 0.1), radius=0.4, volume_fraction=0.45,
+                    photons=100.0, seed=5)
+
+
+def _exact_sigmas(sim):
+    """sqrt(diag(F^-1)) for (z, y, x) of every particle, F = J^T W J over all 5 n
+    parameters, J by central differences of the renderer."""
+    p, g = sim.params, sim.geometry
+    w = (1.0 / sim.noise_variance).astype(np.float64).ravel()
+    rend = jax.jit(lambda q: render(q, g))
+    n = p.particles.pos.shape[0]
+    cols = []
+    for i in range(n):
+        for k in range(5):
+            def moved(e):
+                pos, R, a = p.particles.pos, p.particles.radius, p.particles.amplitude
+                if k < 3:
+                    pos = pos.at[i, k].add(e)
+                elif k == 3:
+                    a = a.at[i].add(e)
+                else:
+                    R = R.at[i].add(e)
+                return Params(Particles(pos, R, a), p.psf, p.background)
+            h = (0.05, 0.05, 0.05, 0.05 * abs(float(p.particles.amplitude[i])), 0.005)[k]
+            d = (np.asarray(rend(moved(h)), np.float64) - np.asarray(rend(moved(-h)), np.float64))
+            cols.append(d.ravel() / (2 * h))
+    J = np.stack(cols, 1)
+    F = J.T @ (J * w[:, None])
+    F += np.eye(len(F)) * 1e-9 * np.trace(F) / len(F)
+    return np.sqrt(np.diagonal(np.linalg.inv(F)).reshape(n, 5)[:, :3])
+
+
+def test_coupling_table_is_the_cross_correlation_of_the_unit_derivatives(dense):
+    p, g = dense.params, dense.geometry
+    R = float(np.median(np.asarray(p.particles.radius)))
+    J = np.fft.fftshift(np.asarray(unit_light(R, p.psf, g), np.float64), axes=(1, 2, 3))
+    C = coupling_table(R, p.psf, g)
+    c = (np.asarray(C.shape[2:]) - 1) // 2
+    for d in [(0, 0, 0), (1, 3, -2), (0, 8, 0), (-2, 0, 5)]:
+        shifted = np.roll(J, d, axis=(1, 2, 3))  # J(u - d); the fields are zero near the edges
+        direct = np.einsum("azyx,bzyx->ab", J, shifted)
+        np.testing.assert_allclose(C[(slice(None), slice(None)) + tuple(c + np.asarray(d))],
+                                   direct, rtol=1e-6, atol=1e-9 * np.abs(direct).max())
+
+
+def test_coupled_sigmas_match_the_whole_stack_fisher_matrix(dense):
+    p, g = dense.params, dense.geometry
+    exact = _exact_sigmas(dense)
+    w = 1.0 / dense.noise_variance
+    n = p.particles.pos.shape[0]
+    own = np.sqrt(np.diagonal(np.linalg.inv(own_blocks(p, np.arange(n), w, g)),
+                              axis1=1, axis2=2)[:, :3])
+    coupled = np.sqrt(np.diagonal(coupled_covariance(p, np.arange(n), w, g),
+                                  axis1=1, axis2=2)[:, :3])
+    pos = np.asarray(p.particles.pos)
+    rv = 0.4 / np.asarray(dense.voxel_size)
+    inner = np.all((pos >= rv) & (pos <= np.asarray(dense.image.shape) - 1 - rv), axis=1)
+    assert inner.sum() >= 10
+    r_own = np.median(own[inner] / exact[inner], axis=0)
+    r_coupled = np.median(coupled[inner] / exact[inner], axis=0)
+    # measured (z, y, x): own 0.71 / 0.85 / 0.84 of the exact sigma (neighbours ignored:
+    # optimistic); coupled 0.97 / 1.05 / 1.10 (14 interior particles)
+    assert np.all(r_own < 0.92)
+    assert np.all((r_coupled > 0.85) & (r_coupled < 1.2)), r_coupled

@@ -59,6 +59,7 @@ def main(names, options=None):
                    rmse_over_crlb=np.round(s.rmse / c, 2).tolist(),
                    median_abs_err_vox=np.round(med, 3).tolist(),
                    mean_error_vox=np.round((f[i] - t[j])[inner].mean(axis=0), 3).tolist(), calibration=np.round(cal, 2).tolist(),
+                   median_sigma_over_crlb=np.round(np.median(sig, axis=0) / c, 2).tolist(),
                    added=res.stats["added"], removed=res.stats["removed"], seconds=round(dt, 1),
                    seconds_by_phase=res.stats["seconds_by_phase"],
                    joint_fits=res.stats.get("joint_fits"), joint_steps=res.stats["steps"],

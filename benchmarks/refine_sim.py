@@ -69,10 +69,12 @@ def run(phi, r_px, elong, shape, seed=0, options=None):
     sig = res.particles[["sigma_z", "sigma_y", "sigma_x"]].to_numpy()[i][inner]
     cal = ((f[i] - tt)[inner] / sig).std(axis=0)
     c = crlb(sim)
+    cc = crlb_coupled(sim)
     return dict(phi=phi, radius_px=r_px, elongation=elong, n=int(inside.sum()),
                 recall=round(s.recall, 3), precision=round(s.precision, 3),
                 rmse_over_crlb=np.round(s.rmse / c, 2).tolist(),
-                rmse_over_coupled_crlb=np.round(s.rmse / crlb_coupled(sim), 2).tolist(),
+                rmse_over_coupled_crlb=np.round(s.rmse / cc, 2).tolist(),
+                median_sigma_over_coupled_crlb=np.round(np.median(sig, axis=0) / cc, 2).tolist(),
                 mean_error_vox=np.round((f[i] - tt)[inner].mean(axis=0), 3).tolist(), calibration=np.round(cal, 2).tolist(),
                 seconds=round(dt, 1), particles_per_second=round(len(f) / dt, 1))
 

@@ -736,8 +736,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     R = np.asarray(params.particles.radius)[act]
     a = np.asarray(params.particles.amplitude)[act]
     pos = np.asarray(params.particles.pos)[act]
+    t_unc = time.perf_counter()
     cov = coupled_covariance(params, act, w, geom, radius_prior=kappa,  # posterior
                              neighbours=neighbours)
+    seconds["uncertainties"] = time.perf_counter() - t_unc
     sig = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2)[:, :3], 0, None))
     final = Params(Particles(jnp.asarray(pos), jnp.asarray(R), jnp.asarray(a)), params.psf,
                    params.background)

@@ -87,7 +87,7 @@ def _scales(params: Params, idx, w, geom, amplitude_floor):
     Lf = np.asarray(stack_region(illumination_field(params.background, geom), geom))
     wc = local_mean(np.asarray(w), pos, np.median(R) / np.asarray(geom.voxel_size))
     D = np.stack([a, a, a, np.ones_like(a), a], axis=1)
-    return D, np.sqrt(wc) * at_voxels(Lf, pos)
+    return D, np.sqrt(np.maximum(wc, 0.0)) * at_voxels(Lf, pos)  # a box mean can round below 0
 
 
 def own_blocks(params: Params, idx, w, geom, amplitude_floor=0.0, radius_prior=0.0):
@@ -138,14 +138,18 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
     ``min_coupling``; its Fisher matrix (own blocks from ``own_blocks``, cross blocks
     from ``coupling_table`` at the median radius) is inverted and i's block returned.
     The radius-spread prior's curvature ``radius_prior`` is added to each radius.
-    A cluster whose matrix is not positive definite falls back to i's own block.
+    A cluster whose matrix is not positive definite falls back to i's own block; a
+    particle whose light falls only where ``w`` is 0 gets an infinite variance.
     """
     idx = np.asarray(idx)
     n = len(idx)
     F_own = own_blocks(params, idx, w, geom, radius_prior=radius_prior)
-    eps = np.eye(5)[None] * 1e-9 * np.trace(F_own, axis1=1, axis2=2)[:, None, None]
-    F_own = F_own + eps
+    tr = np.trace(F_own, axis1=1, axis2=2)
+    seen = tr > 0  # a particle in a region of weight 0 carries no information
+    F_own = np.where(seen[:, None, None], F_own + np.eye(5)[None] * 1e-9 * tr[:, None, None],
+                     np.eye(5)[None])
     cov_own = np.linalg.inv(F_own)
+    cov_own[~seen] = np.diag(np.full(5, np.inf))
     if n < 2 or neighbours < 1:
         return cov_own
     R = np.asarray(params.particles.radius)[idx]
@@ -166,7 +170,7 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
     ii = np.repeat(np.arange(n), cand.shape[1])
     jj = cand.ravel()
     ok = jj < n
-    ok[ok] &= np.all(np.abs(pos[jj[ok]] - pos[ii[ok]]) < reach, axis=1)
+    ok[ok] &= np.all(np.abs(pos[jj[ok]] - pos[ii[ok]]) < reach, axis=1) & seen[ii[ok]] & seen[jj[ok]]
     strength = np.zeros(len(ii))
     Fij = cross(ii[ok], jj[ok])
     dg = np.diagonal(F_own, axis1=1, axis2=2)[:, :3]
@@ -181,6 +185,9 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
     m = nb.shape[1] + 1
     for start in range(0, n, batch):
         rows = np.arange(start, min(n, start + batch))
+        rows = rows[seen[rows]]
+        if len(rows) == 0:
+            continue
         nodes = np.concatenate([rows[:, None], nb[rows]], axis=1)  # (b, m); -1: empty
         b = len(rows)
         H = np.zeros((b, m, m, 5, 5))

@@ -77,3 +77,19 @@ def test_coupled_sigmas_match_the_whole_stack_fisher_matrix(dense):
     # optimistic); coupled 0.97 / 1.05 / 1.10 (14 interior particles)
     assert np.all(r_own < 0.92)
     assert np.all((r_coupled > 0.85) & (r_coupled < 1.2)), r_coupled
+
+
+def test_regions_of_zero_weight_give_no_nan(dense):
+    # faces weighted 0 (as fit_shape's border does): a particle seen nowhere has infinite
+    # variance, the others finite ones (the local mean of the weight can round below 0
+    # there, and the cross blocks take its square root)
+    p, g = dense.params, dense.geometry
+    w = np.zeros(dense.image.shape)
+    w[4:-4, 6:-6, 6:-6] = 1.0 / dense.noise_variance[4:-4, 6:-6, 6:-6]
+    n = p.particles.pos.shape[0]
+    cov = coupled_covariance(p, np.arange(n), w, g)
+    inside = np.all((np.asarray(p.particles.pos) > [5, 7, 7]) &
+                    (np.asarray(p.particles.pos) < np.asarray(dense.image.shape) - [6, 8, 8]), axis=1)
+    assert inside.any() and np.all(np.isfinite(cov[inside]))
+    assert np.all(np.diagonal(cov[inside], axis1=1, axis2=2) > 0)
+    assert not np.any(np.isnan(cov))

@@ -118,7 +118,9 @@ def check_stack(image, name: str = "image") -> np.ndarray:
             parts.append(f"{n_inf} Inf")
         raise ValueError(
             f"{name} contains non-finite voxels ({' and '.join(parts)} of {arr.size}); "
-            "replace or mask them before tracking")
+            "replace them before tracking, e.g. by the median of the rest: "
+            "np.where(np.isfinite(a), a, np.nanmedian(a)) (difftrack has no mask for missing "
+            "voxels)")
 
     lo = arr.min()
     hi = arr.max()

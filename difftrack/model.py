@@ -294,17 +294,19 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
         border = [int(math.ceil(r / v)) for r, v in zip(reach, vs_eff)]
     border = np.broadcast_to(np.asarray(border, int), (3,))
     weight = border_weight(image.shape, border)
-    # the shape is learned from the light inside the border: some particle's ball must reach it
+    # the shape is learned from the light inside the border: some particle's light (its
+    # ball, blurred by about one starting PSF width, half a voxel for the rounding) must
+    # reach it
     b_eff = np.asarray([min(max(int(b), 0), n // 3) for b, n in zip(border, image.shape)])
-    r_vox = radius / np.asarray(vs_eff)
+    r_vox = (radius + np.asarray([elongation * sxy, sxy, sxy])) / np.asarray(vs_eff) + 0.5
     lit = np.all((pos >= b_eff - r_vox) & (pos <= np.asarray(image.shape) - 1 - b_eff + r_vox), axis=1)
     if not lit.any():
         raise ValueError(
             f"all {len(pos)} positions lie within the border (z, y, x) = {tuple(b_eff.tolist())} "
-            "voxels of a face, farther than a radius from the region the fit uses (light of "
-            "particles outside the stack falls there): the shape cannot be learned from them. "
-            "Give at least one position farther inside the stack, or a smaller border "
-            "(fit_shape's ``border``)")
+            "voxels of a face, too far from the region the fit uses for their light to reach "
+            "it (light of particles outside the stack falls there): the shape cannot be "
+            "learned from them. Give at least one position farther inside the stack, or a "
+            "smaller border (fit_shape's ``border``)")
     p0 = initial_params(data_n, pos_j, geom, radius=radius, sign=sign, psf=psf, weight=weight)
     validate(p0, geom)
     cb = None

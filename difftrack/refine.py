@@ -737,8 +737,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     a = np.asarray(params.particles.amplitude)[act]
     pos = np.asarray(params.particles.pos)[act]
     t_unc = time.perf_counter()
+    unc = {}
     cov = coupled_covariance(params, act, w, geom, radius_prior=kappa,  # posterior
-                             neighbours=neighbours)
+                             neighbours=neighbours, stats=unc)
+    stats["sigma_fallbacks"] = unc.get("fallbacks", 0)  # clusters left at the own block
     seconds["uncertainties"] = time.perf_counter() - t_unc
     sig = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2)[:, :3], 0, None))
     final = Params(Particles(jnp.asarray(pos), jnp.asarray(R), jnp.asarray(a)), params.psf,

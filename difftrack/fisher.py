@@ -31,9 +31,6 @@ from scipy.spatial import cKDTree
 from .render import Geometry, Params, illumination_field, kernel_on_grid, stack_region
 from .shape import voxel_ball
 
-COLUMNS = ("z", "y", "x", "amplitude", "radius")
-
-
 def unit_light(R, psf, geom: Geometry, offset=(0.0, 0.0, 0.0)):
     """Light of one unit-amplitude particle of radius R (PSF-blurred partial-volume sphere)
     on a small grid around it, and its derivatives in (z, y, x) voxels and R: (5, ...)
@@ -90,19 +87,36 @@ def _scales(params: Params, idx, w, geom, amplitude_floor):
     return D, np.sqrt(np.maximum(wc, 0.0)) * at_voxels(Lf, pos)  # a box mean can round below 0
 
 
+def _scaled(G, D, s, radius_prior):
+    """Unit blocks G (n or 1, 5, 5) scaled to particles (``_scales``), plus the prior."""
+    F = G * (D[:, :, None] * D[:, None, :]) * (s * s)[:, None, None]
+    F[:, 4, 4] += radius_prior
+    return F
+
+
+def _own_scaled(params: Params, idx, D, s, geom, radius_prior):
+    R = np.asarray(params.particles.radius)[idx]
+    radii_grid = np.unique(np.quantile(R, [0.0, 0.5, 1.0]))
+    G = interp_tables(R, radii_grid, fisher_tables(radii_grid, params.psf, geom))
+    return _scaled(G, D, s, radius_prior)
+
+
 def own_blocks(params: Params, idx, w, geom, amplitude_floor=0.0, radius_prior=0.0):
     """Each particle's own Fisher block (5x5: z, y, x in voxels, amplitude, radius) for
     the particles ``idx``: the unit table at its radius times its amplitude, the
     illumination and the mean weight around it (neighbours ignored), plus the information
     ``radius_prior`` of the radius-spread prior (its curvature, chi^2 units) on the
     radius. Amplitudes are taken at least ``amplitude_floor`` in magnitude."""
-    R = np.asarray(params.particles.radius)[idx]
-    radii_grid = np.unique(np.quantile(R, [0.0, 0.5, 1.0]))
-    G = interp_tables(R, radii_grid, fisher_tables(radii_grid, params.psf, geom))
     D, s = _scales(params, idx, w, geom, amplitude_floor)
-    F = G * (D[:, :, None] * D[:, None, :]) * (s * s)[:, None, None]
-    F[:, 4, 4] += radius_prior
-    return F
+    return _own_scaled(params, idx, D, s, geom, radius_prior)
+
+
+def _invertible(F, seen):
+    """Blocks of the particles ``seen`` with a tiny ridge (1e-9 of the trace); the
+    identity for the others."""
+    tr = np.trace(F, axis1=1, axis2=2)
+    return np.where(seen[:, None, None], F + np.eye(5)[None] * 1e-9 * tr[:, None, None],
+                    np.eye(5)[None])
 
 
 def coupling_table(R, psf, geom):
@@ -149,26 +163,20 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
     """
     idx = np.asarray(idx)
     n = len(idx)
-    F_own = own_blocks(params, idx, w, geom, radius_prior=radius_prior)
-    tr = np.trace(F_own, axis1=1, axis2=2)
-    seen = tr > 0  # a particle in a region of weight 0 carries no information
-    F_own = np.where(seen[:, None, None], F_own + np.eye(5)[None] * 1e-9 * tr[:, None, None],
-                     np.eye(5)[None])
-    cov_own = np.linalg.inv(F_own)
+    D, s = _scales(params, idx, w, geom, 0.0)
+    F_own = _own_scaled(params, idx, D, s, geom, radius_prior)
+    seen = np.trace(F_own, axis1=1, axis2=2) > 0  # weight 0 everywhere: no information
+    cov_own = np.linalg.inv(_invertible(F_own, seen))
     cov_own[~seen] = np.diag(np.full(5, np.inf))
     if n < 2 or neighbours < 1:
         return cov_own
     R = np.asarray(params.particles.radius)[idx]
     C = coupling_table(float(np.median(R)), params.psf, geom)
-    D, s = _scales(params, idx, w, geom, 0.0)
     pos = np.asarray(params.particles.pos, np.float64)[idx]
     # own blocks from the same table (displacement 0), for a consistent cluster matrix
     c0 = (np.asarray(C.shape[2:]) - 1) // 2
-    F_med = C[:, :, c0[0], c0[1], c0[2]][None] * (D[:, :, None] * D[:, None, :]) * (s * s)[:, None, None]
-    F_med[:, 4, 4] += radius_prior
-    tr_med = np.trace(F_med, axis1=1, axis2=2)
-    F_med = np.where(seen[:, None, None] & (tr_med > 0)[:, None, None],
-                     F_med + np.eye(5)[None] * 1e-9 * tr_med[:, None, None], np.eye(5)[None])
+    F_med = _scaled(C[:, :, c0[0], c0[1], c0[2]][None], D, s, radius_prior)
+    F_med = _invertible(F_med, seen & (np.trace(F_med, axis1=1, axis2=2) > 0))
     var_med = np.diagonal(np.linalg.inv(F_med), axis1=1, axis2=2)
     # per-parameter rescaling from the median radius to each particle's own
     rescale = np.sqrt(np.diagonal(cov_own, axis1=1, axis2=2) / var_med)
@@ -223,7 +231,7 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
                 H[:, p, q] = blk
                 H[:, q, p] = np.swapaxes(blk, 1, 2)
         H = H.transpose(0, 1, 3, 2, 4).reshape(b, 5 * m, 5 * m)
-        L, good = _batched_cholesky(H)
+        good = _positive_definite(H)
         fallbacks += int((~good).sum())
         if good.any():
             e = np.zeros((int(good.sum()), 5 * m, 5))
@@ -236,19 +244,19 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
     return cov
 
 
-def _batched_cholesky(H):
-    """Cholesky of each matrix; (factors, positive-definite flags)."""
-    ok = np.ones(len(H), bool)
-    out = np.zeros_like(H)
+def _positive_definite(H):
+    """Whether each matrix of the stack H has a Cholesky factor."""
     try:
-        out = np.linalg.cholesky(H)
+        np.linalg.cholesky(H)
+        return np.ones(len(H), bool)
     except np.linalg.LinAlgError:
+        ok = np.ones(len(H), bool)
         for i in range(len(H)):
             try:
-                out[i] = np.linalg.cholesky(H[i])
+                np.linalg.cholesky(H[i])
             except np.linalg.LinAlgError:
                 ok[i] = False
-    return out, ok
+        return ok
 
 
 def at_voxels(field, pos):

@@ -163,6 +163,12 @@ def _loss(free, pos, data, weight, amplitude_mask, bounds, *, static):
     return (jnp.sum(weight * r * r) + spread) / jnp.sum(weight) + prior
 
 
+def effective_border(shape, border):
+    """``border`` (z, y, x voxels) as ``border_weight`` applies it: at least 0, at most a
+    third of each axis."""
+    return np.asarray([min(max(int(b), 0), n // 3) for b, n in zip(border, shape)])
+
+
 def border_weight(shape, border):
     """1 inside, 0 within ``border`` = (z, y, x) voxels of a face (float32 (z, y, x)).
 
@@ -172,8 +178,7 @@ def border_weight(shape, border):
     A border too wide for the stack is shrunk so that at least a third of each axis stays.
     """
     w = np.ones(shape, np.float32)
-    for k, (n, b) in enumerate(zip(shape, border)):
-        b = int(min(max(b, 0), n // 3))
+    for k, (n, b) in enumerate(zip(shape, effective_border(shape, border))):
         if b:
             sl = [slice(None)] * 3
             sl[k] = slice(0, b)
@@ -297,7 +302,7 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
     # the shape is learned from the light inside the border: some particle's light (its
     # ball, blurred by about one starting PSF width, half a voxel for the rounding) must
     # reach it
-    b_eff = np.asarray([min(max(int(b), 0), n // 3) for b, n in zip(border, image.shape)])
+    b_eff = effective_border(image.shape, border)
     r_vox = (radius + np.asarray([elongation * sxy, sxy, sxy])) / np.asarray(vs_eff) + 0.5
     lit = np.all((pos >= b_eff - r_vox) & (pos <= np.asarray(image.shape) - 1 - b_eff + r_vox), axis=1)
     if not lit.any():

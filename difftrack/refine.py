@@ -491,8 +491,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         M = np.broadcast_to(np.eye(5), (mask.size, 5, 5)).copy()  # empty slots
         if len(act):
             med = float(np.median(np.abs(np.asarray(params.particles.amplitude)[act])))
-            F = own_blocks(params, act, w, geom, amplitude_floor=0.3 * med,
-                               radius_prior=kappa)
+            F = own_blocks(params, act, w, geom, amplitude_floor=0.3 * med, radius_prior=kappa)
             d = np.diagonal(F, axis1=1, axis2=2)
             F = F + np.eye(5)[None] * (1e-6 * d[:, None, :] + 1e-30)
             M[act] = np.swapaxes(np.linalg.inv(np.linalg.cholesky(F)), 1, 2)  # L^-T
@@ -736,12 +735,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     R = np.asarray(params.particles.radius)[act]
     a = np.asarray(params.particles.amplitude)[act]
     pos = np.asarray(params.particles.pos)[act]
-    t_unc = time.perf_counter()
     unc = {}
-    cov = coupled_covariance(params, act, w, geom, radius_prior=kappa,  # posterior
-                             neighbours=neighbours, stats=unc)
+    cov = timed("uncertainties")(coupled_covariance)(params, act, w, geom, radius_prior=kappa,
+                                                     neighbours=neighbours, stats=unc)
     stats["sigma_fallbacks"] = unc.get("fallbacks", 0)  # clusters left at the own block
-    seconds["uncertainties"] = time.perf_counter() - t_unc
     sig = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2)[:, :3], 0, None))
     final = Params(Particles(jnp.asarray(pos), jnp.asarray(R), jnp.asarray(a)), params.psf,
                    params.background)

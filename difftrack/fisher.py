@@ -159,7 +159,7 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
     radius. A cluster whose matrix is still not positive definite falls back to i's own
     block (counted in ``stats["fallbacks"]`` when a dict is given); a particle whose light
     falls only where ``w`` is 0 gets an infinite variance (with ``radius_prior`` > 0, a
-    huge one: its radius alone is known).
+    huge one: its radius alone is known). ``batch``: particles handled at a time (memory).
     """
     idx = np.asarray(idx)
     n = len(idx)
@@ -193,16 +193,19 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
     # the particle itself is not its own neighbour (with a twin at the same place it need
     # not come first)
     cand = np.where(np.isfinite(dist) & (cand != np.arange(n)[:, None]), cand, n)
-    ii = np.repeat(np.arange(n), cand.shape[1])
-    jj = cand.ravel()
-    ok = jj < n
-    ok[ok] &= np.all(np.abs(pos[jj[ok]] - pos[ii[ok]]) < reach, axis=1) & seen[ii[ok]] & seen[jj[ok]]
-    strength = np.zeros(len(ii))
-    Fij = cross(ii[ok], jj[ok])
     dg = np.diagonal(F_med, axis1=1, axis2=2)[:, :3]
-    strength[ok] = np.max(np.abs(np.diagonal(Fij, axis1=1, axis2=2)[:, :3])
-                          / np.sqrt(dg[ii[ok]] * dg[jj[ok]]), axis=1)
-    strength = strength.reshape(n, -1)
+    strength = np.zeros(cand.shape)
+    for start in range(0, n, batch):  # in batches: the candidate blocks are ~7 KB each
+        rows = np.arange(start, min(n, start + batch))
+        ii = np.repeat(rows, cand.shape[1])
+        jj = cand[rows].ravel()
+        ok = jj < n
+        ok[ok] &= np.all(np.abs(pos[jj[ok]] - pos[ii[ok]]) < reach, axis=1) & seen[ii[ok]] & seen[jj[ok]]
+        st = np.zeros(len(ii))
+        Fij = cross(ii[ok], jj[ok])
+        st[ok] = np.max(np.abs(np.diagonal(Fij, axis1=1, axis2=2)[:, :3])
+                        / np.sqrt(dg[ii[ok]] * dg[jj[ok]]), axis=1)
+        strength[rows] = st.reshape(len(rows), -1)
     order = np.argsort(-strength, axis=1)[:, :neighbours]
     nb = np.take_along_axis(cand, order, axis=1)
     nb = np.where(np.take_along_axis(strength, order, axis=1) >= min_coupling, nb, -1)

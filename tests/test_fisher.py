@@ -130,3 +130,14 @@ def test_a_twin_is_not_its_own_neighbour(dense):
     assert not np.any(np.isnan(cov)) and stats["fallbacks"] == 0
     for i in (k, k + 1):
         assert np.all(np.diagonal(cov[i])[:3] > 1e3 * np.diagonal(alone[k])[:3])
+
+
+def test_batches_change_nothing(dense):
+    # the candidate and cluster stages run in batches of particles (memory): any batch
+    # size gives the same covariances, to rounding
+    p, g = dense.params, dense.geometry
+    n = p.particles.pos.shape[0]
+    w = 1.0 / dense.noise_variance
+    whole = coupled_covariance(p, np.arange(n), w, g)
+    small = coupled_covariance(p, np.arange(n), w, g, batch=7)
+    np.testing.assert_allclose(small, whole, rtol=1e-10, atol=0)

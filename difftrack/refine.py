@@ -44,7 +44,7 @@ from ._checks import check_positions, check_stack, check_voxel_size
 from .detect import _ellipsoid
 from .fisher import at_voxels, coupled_covariance, own_blocks
 from .metrics import _interior
-from .model import (Model, _normalise, fit_parameters, fit_shape, radius_spread_penalty,
+from .model import (GRID_PRIOR, Model, _normalise, fit_parameters, fit_shape, radius_spread_penalty,
                     to_image_units, to_normalised_units)
 from .optimize import minimize
 from .render import (Params, Particles, background_field, correlate, gather_patches,
@@ -337,7 +337,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                      max_rounds=6, steps=150, shape_steps=150, xtol=0.02, penalty=None, overlap=0.7,
                      noise=None, polish=2, min_amplitude=0.4, polydispersity=0.1, add_passes=3,
                      max_move=1.0, gauge=True, neighbours=12, progress=False, verbose=False,
-                     psf=None) -> RefineResult:
+                     psf=None, psf_grid=False) -> RefineResult:
     """Refine rough centres to the best positions the light allows, add the missed
     particles, remove the spurious ones, and give per-particle uncertainties.
 
@@ -380,6 +380,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         ignores the neighbours (optimistic in dense packings).
     psf : a ``shape.PSF`` learned before (``result.model.psf``, e.g. from an earlier frame)
         to hold fixed instead of learning it; None learns it.
+    psf_grid : learn a free-form correction of the PSF on its voxel grid as well
+        (``fit_shape``'s ``psf_grid``; ignored when ``psf`` is given).
 
     Returns
     -------
@@ -399,7 +401,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         raise ValueError("positions is empty: refine needs at least one starting particle "
                          "(run a detector first)")
     shape_model = fit_shape(image, pos0, voxel_size=vs, radius=radius, invert=invert,
-                            steps=shape_steps, psf=psf)
+                            steps=shape_steps, psf=psf, psf_grid=psf_grid)
     hold_psf = psf is not None
     geom = shape_model.geometry
     vs_eff = geom.voxel_size
@@ -651,7 +653,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         m, w = weights(params)
         shape_p, hist = fit_parameters(params, data_n, geom, radius=R0, weight=jnp.asarray(w),
                                        steps=shape_steps, amplitude_mask=jnp.asarray(mask),
-                                       hold_psf=hold_psf, hold_illum=True, radius_prior=kappa)
+                                       hold_psf=hold_psf, hold_illum=True, radius_prior=kappa,
+                                       grid_prior=GRID_PRIOR)
         return _clamp(shape_p, jnp.asarray(mask), static, rbounds), hist
 
     # fit_shape left the faces out; fit the background and shape to every voxel (centres
@@ -721,8 +724,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         stats["gauge_shift"] = dz
         params = Params(Particles(pos.at[:, 0].add(-dz), params.particles.radius,
                                   params.particles.amplitude),
-                        dataclasses.replace(params.psf, z_offset=params.psf.z_offset
-                                            + np.float32(dz * vs_eff[0])),
+                        params.psf.shifted_z(dz * vs_eff[0], vs_eff[0]),
                         params.background)
 
     # ---- uncertainties and quality

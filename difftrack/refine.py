@@ -292,12 +292,24 @@ def _quality(params: Params, z2, geom):
     return np.sqrt(np.asarray(jnp.sum(inside * g, axis=(1, 2, 3)) / jnp.maximum(n, 1.0)))
 
 
-def _gain_map(resid_w, w, params: Params, geom, R, sign, reach):
+# The addition's candidates outside the stack: at least this fraction of a whole
+# particle's light energy (sum w t^2) must fall inside it. A particle centred 2 z voxels
+# beyond a face of a stack like dev_small_dense (R 2 z voxels, PSF 3.3x longer along z)
+# puts 3% there, 3 voxels 0.6%; its light is concentrated in the outermost slices, and
+# without it the particles just inside were pulled towards the face (0.14-0.18 voxel on
+# our own simulator, with 0.1 here: docs/refine.md, ninth session). Below ~1% float32
+# round-off in num^2 / den would start to matter; the penalty still decides.
+MIN_LIGHT_INSIDE = 0.02
+
+
+def _gain_map(resid_w, w, params: Params, geom, R, sign, reach, min_inside=MIN_LIGHT_INSIDE):
     """chi^2 gain of adding a particle of radius R centred at each voxel of the stack
     extended by ``reach`` voxels (z, y, x) past every face, with its best amplitude:
     (sum w r t)^2 / sum w t^2 (t the unit particle's light; only the stack's voxels count,
     so a particle just outside is found by the light it sheds in). Zero where the best
-    amplitude has the wrong sign. Returns (gain, amplitude), on that extended grid.
+    amplitude has the wrong sign, and where less than ``min_inside`` of a whole particle's
+    light energy (sum w t^2) falls in the stack. Returns (gain, amplitude), on that
+    extended grid.
     """
     vs = geom.voxel_size
     h = [int(np.ceil(R / v)) + 2 + k for v, k in zip(vs, geom.kernel_half)]  # template reach
@@ -320,9 +332,8 @@ def _gain_map(resid_w, w, params: Params, geom, R, sign, reach):
     den = jnp.fft.irfftn(jnp.fft.rfftn(place(w)) * jnp.conj(t2f), s=shp)
     sl = tuple(slice(p - int(r), p + s + int(r)) for p, s, r in zip(pad, geom.shape, reach))
     num, den = np.asarray(num)[sl], np.asarray(den)[sl]
-    # a candidate needs a tenth of a whole particle's light inside the stack: below that
-    # its position is not defined, and float32 FFT round-off in num^2/den dominates
-    ok = den > 0.1 * np.percentile(den, 99)
+    # a candidate needs ``min_inside`` of a whole particle's light energy inside the stack
+    ok = den > min_inside * np.percentile(den, 99)
     den = np.where(ok, den, 1.0)
     amp = np.where(ok, num / den, 0.0)
     gain = np.where(ok & (np.sign(amp) == sign), num * num / den, 0.0)

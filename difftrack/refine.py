@@ -297,8 +297,9 @@ def _quality(params: Params, z2, geom):
 # beyond a face of a stack like dev_small_dense (R 2 z voxels, PSF 3.3x longer along z)
 # puts 3% there, 3 voxels 0.6%; its light is concentrated in the outermost slices, and
 # without it the particles just inside were pulled towards the face (0.14-0.18 voxel on
-# our own simulator, with 0.1 here: docs/refine.md, ninth session). Below ~1% float32
-# round-off in num^2 / den would start to matter; the penalty still decides.
+# our own simulator, with 0.1 here: docs/refine.md, ninth session). 0.005 was worse on
+# dev_large (candidates with so little light inside are poorly placed: recall 0.993);
+# the penalty still decides what is added.
 MIN_LIGHT_INSIDE = 0.02
 
 

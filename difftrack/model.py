@@ -116,7 +116,8 @@ def to_normalised_units(params: Params, centre, scale) -> Params:
         params.psf, Background(off, params.background.illum))
 
 
-# the prior on the PSF's free-form grid (PSF.log_grid): GRID_PRIOR * sum(log_grid^2) in
+# the prior on the PSF's free-form grid (PSF.log_grid): GRID_PRIOR * sum(g^2), g its mirror
+# average (PSF.symmetric_grid), in
 # chi^2 units. Where the light defines the kernel it hardly matters (1 and 10 gave the same
 # positions on dev_peri_r4_phi48_bright); where it does not, it holds the grid at 0.
 GRID_PRIOR = 10.0
@@ -154,7 +155,8 @@ def _loss(free, pos, data, weight, amplitude_mask, bounds, *, static):
     """Weighted mean squared residual of the normalised image, plus weak priors.
     ``bounds``: (lowest radius, highest radius, curvature of the radius-spread prior in
     the units of sum(weight r^2): ``radius_spread_penalty``, curvature of the prior on
-    the PSF's free-form grid in the same units: ``grid_prior`` * sum(log_grid^2))."""
+    the PSF's free-form grid in the same units: ``grid_prior`` * sum(g^2), g the grid's
+    mirror average ``PSF.symmetric_grid``)."""
     geom, hold_psf, hold_illum = static
     lo, hi = bounds[0], bounds[1]  # traced: a new radius does not recompile the step
     radius, amplitude, psf, background = free
@@ -270,7 +272,8 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
         same microscope) to hold fixed; None learns it (``n_components``, ``elongation``).
     psf_grid : also learn a free-form correction of the PSF on its voxel grid
         (``PSF.log_grid``, held near 0 by a prior of ``GRID_PRIOR`` chi^2 per unit of
-        log_grid^2): a second fit after the Gaussians' one.
+        log_grid^2): a second fit after the Gaussians' one; ignored when ``psf`` is
+        given.
 
     Returns
     -------
@@ -338,7 +341,8 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
                                      progress=cb, hold_psf=hold_psf)
     if psf_grid and not hold_psf:
         # the loss is a mean weighted squared residual, about the noise variance at the
-        # optimum: the prior in chi^2 units is GRID_PRIOR times that
+        # optimum (plus the Gaussians' misfit, so the prior is a little stronger where the
+        # grid is most needed): the prior in chi^2 units is GRID_PRIOR times that
         s2 = float(history[-1])
         core = params.psf.core_half(geom.voxel_size, geom.kernel_half)
         params = dataclasses.replace(params, psf=params.psf.with_grid(core))

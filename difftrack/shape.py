@@ -99,8 +99,9 @@ class PSF:
       log_sigma_z: log of the axial std of each component.
       z_offset: axial offset of each component's centre (asymmetry, side lobes).
       logit_weight: softmax logits of the component weights (the PSF integrates to 1).
-      log_grid: None, or a free-form correction on the kernel's voxel grid (shape
-        2 * kernel_half + 1): the sampled kernel is multiplied by exp(log_grid), averaged
+      log_grid: None, or a free-form correction on the kernel's voxel grid (any odd
+        shape, centred; cropped or zero-padded to the kernel's; ``fit_shape`` puts it on
+        the core, ``core_half``): the sampled kernel is multiplied by exp(log_grid), averaged
         over the y and x mirror images (so it cannot shift the light sideways). It lets
         the data shape what three Gaussians cannot (a real confocal PSF's rings, lobes and
         flat top); a prior (``model.fit_parameters``' ``grid_prior``) holds it near 0
@@ -178,13 +179,16 @@ class PSF:
 
     def shifted_z(self, dz, vz):
         """The PSF moved by ``dz`` (physical) along z; ``vz`` is the z voxel size. Exact for
-        the Gaussians; the grid correction is moved by linear interpolation."""
+        the Gaussians; the grid correction (0 outside its window) is moved by linear
+        interpolation, its window grown by the shift so that no plane is lost. On the host
+        (NumPy): not for use inside ``jax.jit``."""
         out = dataclasses.replace(self, z_offset=self.z_offset + jnp.float32(dz))
         if self.log_grid is not None:
             import scipy.ndimage
 
-            g = scipy.ndimage.shift(np.asarray(self.log_grid, np.float64), (dz / vz, 0, 0),
-                                    order=1, mode="nearest")
+            k = int(math.ceil(abs(dz / vz)))
+            g = np.pad(np.asarray(self.log_grid, np.float64), [(k, k), (0, 0), (0, 0)])
+            g = scipy.ndimage.shift(g, (dz / vz, 0, 0), order=1, mode="constant", cval=0.0)
             out = dataclasses.replace(out, log_grid=jnp.asarray(g, jnp.float32))
         return out
 

@@ -143,7 +143,8 @@ def scale_psf(psf, f_xy, f_z):
         c = [(n - 1) / 2 for n in g.shape]
         idx = np.meshgrid(*[(np.arange(n) - ck) / f + ck for n, ck, f in zip(g.shape, c, (f_z, f_xy, f_xy))],
                           indexing="ij")
-        grid = jnp.asarray(scipy.ndimage.map_coordinates(g, idx, order=1, mode="nearest"), jnp.float32)
+        grid = jnp.asarray(scipy.ndimage.map_coordinates(g, idx, order=1, mode="constant", cval=0.0),
+                           jnp.float32)
     return dataclasses.replace(
         psf, log_sigma_xy=psf.log_sigma_xy + math.log(f_xy),
         log_sigma_z=psf.log_sigma_z + math.log(f_z), z_offset=psf.z_offset * f_z, log_grid=grid)

@@ -184,12 +184,7 @@ class PSF:
         (NumPy): not for use inside ``jax.jit``."""
         out = dataclasses.replace(self, z_offset=self.z_offset + jnp.float32(dz))
         if self.log_grid is not None:
-            import scipy.ndimage
-
-            k = int(math.ceil(abs(dz / vz)))
-            g = np.pad(np.asarray(self.log_grid, np.float64), [(k, k), (0, 0), (0, 0)])
-            g = scipy.ndimage.shift(g, (dz / vz, 0, 0), order=1, mode="constant", cval=0.0)
-            out = dataclasses.replace(out, log_grid=jnp.asarray(g, jnp.float32))
+            out = dataclasses.replace(out, log_grid=warp_grid(self.log_grid, shift_z=dz / vz))
         return out
 
     def moments(self):
@@ -201,6 +196,22 @@ class PSF:
         var_z = jnp.sum(w * (sz**2 + self.z_offset**2)) - mz**2
         var_xy = jnp.sum(w * sxy**2)
         return jnp.sqrt(var_z), jnp.sqrt(var_xy)
+
+
+def warp_grid(grid, scale=(1.0, 1.0, 1.0), shift_z=0.0):
+    """A free-form PSF grid (``PSF.log_grid``, 0 outside its window) stretched by ``scale``
+    (z, y, x) about its centre and moved by ``shift_z`` voxels along z, by linear
+    interpolation; a shift grows the window by as many z planes, so that none is lost. On
+    the host (NumPy)."""
+    import scipy.ndimage
+
+    k = int(math.ceil(abs(shift_z)))
+    g = np.pad(np.asarray(grid, np.float64), [(k, k), (0, 0), (0, 0)])
+    c = [(n - 1) / 2 for n in g.shape]
+    idx = np.meshgrid(*[(np.arange(n) - ck - (shift_z if a == 0 else 0.0)) / f + ck
+                        for a, (n, ck, f) in enumerate(zip(g.shape, c, scale))], indexing="ij")
+    return jnp.asarray(scipy.ndimage.map_coordinates(g, idx, order=1, mode="constant", cval=0.0),
+                       jnp.float32)
 
 
 def _fit_grid(g, shape):

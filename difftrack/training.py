@@ -135,16 +135,11 @@ def scale_psf(psf, f_xy, f_z):
     """``psf`` with every component's lateral widths scaled by ``f_xy`` and its axial
     widths and offsets by ``f_z`` (a free-form grid, ``PSF.log_grid``, is stretched with
     them by linear interpolation)."""
+    from .shape import warp_grid
+
     grid = psf.log_grid
     if grid is not None and (f_xy != 1 or f_z != 1):
-        import scipy.ndimage
-
-        g = np.asarray(grid, np.float64)
-        c = [(n - 1) / 2 for n in g.shape]
-        idx = np.meshgrid(*[(np.arange(n) - ck) / f + ck for n, ck, f in zip(g.shape, c, (f_z, f_xy, f_xy))],
-                          indexing="ij")
-        grid = jnp.asarray(scipy.ndimage.map_coordinates(g, idx, order=1, mode="constant", cval=0.0),
-                           jnp.float32)
+        grid = warp_grid(grid, scale=(f_z, f_xy, f_xy))
     return dataclasses.replace(
         psf, log_sigma_xy=psf.log_sigma_xy + math.log(f_xy),
         log_sigma_z=psf.log_sigma_z + math.log(f_z), z_offset=psf.z_offset * f_z, log_grid=grid)

@@ -324,7 +324,7 @@ class Score:
 def _interior(p: np.ndarray, shape: np.ndarray, margin_vox: np.ndarray) -> np.ndarray:
     lo = margin_vox - 0.5
     hi = shape - 0.5 - margin_vox
-    return np.all((p >= lo) & (p <= hi), axis=1)
+    return np.all((p >= lo) & (p <= hi), axis=-1)
 
 
 def score(found, truth, *, radius, voxel_size=(1.0, 1.0, 1.0), shape, cutoff=None, margin=None) -> Score:

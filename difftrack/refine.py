@@ -319,9 +319,7 @@ def _penalty_at(pos, shape, penalty, outside=OUTSIDE_PENALTY):
     """The chi^2 a particle centred at ``pos`` (..., 3) must explain to be added or kept:
     ``penalty`` inside the stack (-0.5 .. n - 0.5 on every axis), ``outside * penalty``
     beyond its faces."""
-    pos = np.asarray(pos)
-    beyond = np.any((pos < -0.5) | (pos > np.asarray(shape) - 0.5), axis=-1)
-    return np.where(beyond, outside * penalty, penalty)
+    return np.where(_interior(np.asarray(pos), np.asarray(shape), 0.0), penalty, outside * penalty)
 
 
 def _gain_map(resid_w, w, params: Params, geom, R, sign, reach, min_inside=MIN_LIGHT_INSIDE):
@@ -648,13 +646,13 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         reach = [int(o) for o in out]
         gmap, amap = _gain_map(jnp.asarray(w * r), jnp.asarray(w), params, geom, Rm, sign, reach)
         foot = _ellipsoid(0.9 * Rm / np.asarray(vs_eff))
-        centres = np.stack(np.meshgrid(*[np.arange(k) - o for k, o in zip(gmap.shape, reach)],
-                                       indexing="ij"), axis=-1)  # of the extended grid, voxels
         peaks = (gmap == ndimage.maximum_filter(gmap, footprint=foot, mode="constant")) \
-            & (gmap > penalty_at(centres))
-        cand = np.argwhere(peaks).astype(np.float64)
-        amp_c = amap[tuple(cand.astype(int).T)]
-        cand = cand - np.asarray(reach)  # extended grid -> stack voxels
+            & (gmap > outside_penalty * penalty)  # the lower of the two penalties
+        cand = np.argwhere(peaks)
+        g_c, amp_c = gmap[tuple(cand.T)], amap[tuple(cand.T)]
+        cand = cand - np.asarray(reach, np.float64)  # extended grid -> stack voxels
+        pays = g_c > penalty_at(cand)  # the full penalty inside the stack
+        cand, amp_c = cand[pays], amp_c[pays]
         if len(cand) == 0:
             return params, 0
         if act.any():
@@ -802,7 +800,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     df = pd.DataFrame({"z": pos[:, 0], "y": pos[:, 1], "x": pos[:, 2],
                        "sigma_z": sig[:, 0], "sigma_y": sig[:, 1], "sigma_x": sig[:, 2],
                        "amplitude": amp_img, "radius": R.astype(np.float64), "quality": q})
-    inside = np.all((pos >= -0.5) & (pos <= np.asarray(image.shape) - 0.5), axis=1)
+    inside = _interior(pos, np.asarray(image.shape), 0.0)
     df = df[inside].reset_index(drop=True)
     if vs is not None:
         for k, c in enumerate("zyx"):

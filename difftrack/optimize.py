@@ -40,7 +40,10 @@ def minimize(loss, free, args, *, static, steps=200, tol=1e-7, xtol=None, window
     units of its own uncertainty). Returns (free, history). Raises FloatingPointError
     when the loss becomes NaN/Inf, naming ``what``.
     """
-    state = _LBFGS.init(free)
+    # optax's init leaves some scalars of the line search's info weakly typed and the
+    # first step returns them strongly typed: cast once, or every fit compiles its step
+    # twice (jax_explain_cache_misses).
+    state = jax.tree.map(lambda x: x.astype(x.dtype), _LBFGS.init(free))
     history = []
     prev = np.inf
     mark = free

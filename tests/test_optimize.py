@@ -47,3 +47,20 @@ def test_minimize_stops_when_the_parameters_stop_moving():
     # without xtol it runs every step
     _, hist = minimize(_bowl, jnp.zeros(3), (centre,), static=None, steps=60, tol=-1.0)
     assert len(hist) == 60
+
+
+def _ramp(free, centre, *, static):  # used by this test only: its step compiles afresh
+    return jnp.sum((free - centre) ** 2) + 0.1 * jnp.sum(free)
+
+
+def test_a_fit_compiles_its_step_once():
+    # optax's initial L-BFGS state holds weakly typed scalars that the first step returns
+    # strongly typed; left as they were, every fit compiled its step twice (seconds each
+    # for refine's fits)
+    from difftrack import optimize
+
+    before = optimize._step._cache_size()
+    minimize(_ramp, jnp.zeros(3), (jnp.ones(3),), static=None, steps=20)
+    assert optimize._step._cache_size() == before + 1
+    minimize(_ramp, jnp.ones(3), (jnp.zeros(3),), static=None, steps=20)  # same layout
+    assert optimize._step._cache_size() == before + 1

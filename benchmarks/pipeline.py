@@ -10,7 +10,7 @@ interior; its Cramer-Rao bound comes from the true model (as benchmarks/refine_s
 
 Same refine settings for both starts; scored against the truth on the interior (one
 radius from each face): recall, precision, RMSE per axis over the Cramer-Rao bound
-(crlb.json), and the time of each stage.
+(crlb.json), the time of each stage, and the XLA compile time and count within them.
 """
 
 import argparse
@@ -21,14 +21,27 @@ from pathlib import Path
 import jax
 import numpy as np
 import pandas as pd
+from jax import monitoring
 
 import difftrack as dt
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev"
 
+COMPILE = {"s": 0.0, "n": 0}  # XLA compile time, summed over the run
+
+
+def _count_compiles(event, duration, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+        COMPILE["s"] += duration
+        COMPILE["n"] += 1
+
+
+monitoring.register_event_duration_secs_listener(_count_compiles)
+
 
 def run(name, data, truth, radius, vs, crlb_zyx, starts=("unet", "classical")):
     for detector in starts:
+        c0 = dict(COMPILE)
         t0 = time.perf_counter()
         found = dt.track(data, detector=detector)
         t1 = time.perf_counter()
@@ -43,6 +56,7 @@ def run(name, data, truth, radius, vs, crlb_zyx, starts=("unet", "classical")):
         st = res.stats
         row.update(device=str(jax.devices()[0]),
                    track_s=round(t1 - t0, 1), refine_s=round(t2 - t1, 1),
+                   compile_s=round(COMPILE["s"] - c0["s"], 1), compiles=COMPILE["n"] - c0["n"],
                    added=st.get("added"), removed=st.get("removed"), rounds=st.get("rounds"),
                    fit_steps=st.get("steps"),
                    seconds_by_phase={k: round(v, 1) for k, v in st.get("seconds_by_phase", {}).items()})

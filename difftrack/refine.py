@@ -220,17 +220,14 @@ def _clamp(params: Params, mask, static, rbounds) -> Params:
 
 def _pairs(pos, mask, reach, capacity):
     """Index pairs of active particles closer than ``reach`` (physical), padded to a
-    capacity that grows, when it must, to 1.25x the pairs in steps of 1024 (so the jitted
-    step rarely recompiles: each compile of the joint fit's step costs seconds)."""
+    capacity that grows in steps of 1024 (so the jitted step rarely recompiles)."""
     act = np.flatnonzero(mask > 0)
     if len(act) > 1:
         pr = cKDTree(pos[act]).query_pairs(reach, output_type="ndarray")
         pr = act[pr]
     else:
         pr = np.zeros((0, 2), int)
-    cap = capacity
-    if len(pr) > capacity:
-        cap = int(math.ceil(1.25 * len(pr) / 1024) * 1024)
+    cap = max(capacity, int(math.ceil(max(len(pr), 1) / 1024) * 1024))
     out = np.zeros((cap, 2), np.int32)
     out[: len(pr)] = pr
     pm = np.zeros(cap, np.float32)

@@ -111,7 +111,8 @@ class RefineResult:
     stats: dict with rounds, added, removed, steps (of all joint fits), joint_fits, final
         chi^2 per voxel, seconds,
         seconds_by_phase (shape fit, joint fit, add, remove), gauge_shift (the common z
-        shift taken out at the end, voxels; absent when none was), ...
+        shift taken out at the end, voxels; absent when none was), gauge_radius (the gauge
+        counts the starts this far from every face; the unit of voxel_size), ...
     """
 
     particles: pd.DataFrame
@@ -763,6 +764,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     # docs/refine.md). The PSF is shifted to match.
     st = np.flatnonzero((mask > 0) & from_start
                         & _interior(anchor, np.asarray(image.shape), R0 / np.asarray(vs_eff)))
+    stats["gauge_radius"] = R0  # that radius (the first shape fit's median; voxel_size's unit)
     if gauge and not hold_psf and len(st) >= 10:
         pos = params.particles.pos
         dz = float(np.median(np.asarray(pos)[st, 0] - anchor[st, 0]))

@@ -9,7 +9,6 @@ import pytest
 from scipy import ndimage
 
 from difftrack import simulate
-from difftrack.model import fit_shape
 from difftrack.refine import (OUTSIDE_PENALTY, _ellipsoid, _gain_map, _penalty_at, _removal_gain,
                               estimate_noise, refine_positions)
 from difftrack.render import Params, Particles, render
@@ -165,13 +164,11 @@ def test_centres_are_reported_in_their_starts_z_gauge(sim):
     np.testing.assert_allclose(f[:, 0], f0[:, 0] - dz, atol=1e-4)
     i, j = match(f, t, cutoff=0.4, voxel_size=sim.voxel_size)
 
-    def interior(grid):  # the gauge's starts: one radius (the first shape fit's) from every face
-        R0 = np.median(np.asarray(fit_shape(sim.image, t, voxel_size=sim.voxel_size, radius=0.4,
-                                            steps=30, psf_grid=grid).params.particles.radius))
-        r_vox = R0 / np.asarray(sim.voxel_size)
+    def interior(res):  # the gauge's starts: one radius (the first shape fit's) from every face
+        r_vox = res.stats["gauge_radius"] / np.asarray(sim.voxel_size)
         return np.all((t[j] >= r_vox - 0.5) & (t[j] <= np.asarray(sim.image.shape) - 0.5 - r_vox), axis=1)
 
-    inner = interior(False)
+    inner = interior(out[True])
     assert inner.sum() >= 10
     assert abs(np.median(f[i][inner, 0] - t[j][inner, 0])) < 1e-3
     # the ungauged fit drifted by the shift (measured: -0.011 voxel here)
@@ -181,7 +178,7 @@ def test_centres_are_reported_in_their_starts_z_gauge(sim):
                            steps=60, shape_steps=30, polish=0, psf_grid=True)
     fg = res.particles[["z", "y", "x"]].to_numpy()
     i, j = match(fg, t, cutoff=0.4, voxel_size=sim.voxel_size)
-    inner = interior(True)
+    inner = interior(res)
     assert res.model.psf.log_grid is not None and inner.sum() >= 10
     assert abs(np.median(fg[i][inner, 0] - t[j][inner, 0])) < 1e-3
     # no better with these short fits (30 shape steps for ~400 more parameters; measured

@@ -214,3 +214,24 @@ def test_matches_brute_force_reference_large_radius(elong):
     img = np.asarray(render(p, g))
     ref = reference(shape, vs, pos, R, psf, ss=9)
     assert np.abs(img - ref).max() <= 0.01 * ref.max()
+
+
+def test_patch_sum_scatter_equals_the_loop():
+    """The GPU's patch sum (one scatter-add) adds the same patches as the CPU's loop,
+    overlapping patches and patches at the scratch canvas's edges included."""
+    from difftrack.render import _add_patches_loop, _add_patches_scatter
+
+    rng = np.random.default_rng(3)
+    canvas = jnp.asarray(rng.normal(size=(9, 11, 13)), jnp.float32)
+    vals = jnp.asarray(rng.normal(size=(40, 3, 5, 3)), jnp.float32)
+    hi = np.asarray(canvas.shape) - np.asarray(vals.shape[1:])
+    corner = rng.integers(0, hi + 1, size=(40, 3))
+    corner[:3] = [[0, 0, 0], hi, [0, hi[1], 0]]
+    corner = jnp.asarray(corner, jnp.int32)
+    a = np.asarray(_add_patches_loop(canvas, vals, corner))
+    b = np.asarray(_add_patches_scatter(canvas, vals, corner))
+    want = np.asarray(canvas).copy()
+    for v, c in zip(np.asarray(vals), np.asarray(corner)):
+        want[c[0]:c[0] + 3, c[1]:c[1] + 5, c[2]:c[2] + 3] += v
+    np.testing.assert_allclose(a, want, atol=1e-5)
+    np.testing.assert_allclose(b, want, atol=1e-5)

@@ -53,8 +53,8 @@ def main():
           f"jax {jax.__version__} on {jax.default_backend()}")
     print(f"{n} particles (sphere volume {phi:.2f} of the stack), radius {R} px, stack {shape}, patch {geom.patch_half}, "
           f"canvas {geom.canvas}")
-    print(f"render:            {t_render * 1e3:.0f} ms")
-    print(f"render + gradient: {t_grad * 1e3:.0f} ms")
+    print(f"render:            {t_render * 1e3:.1f} ms")
+    print(f"render + gradient: {t_grad * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -42,13 +42,12 @@ def _box_spline_cdf(s, w0, w1, w2):
     return acc / (6.0 * w0 * w1 * w2)
 
 
-@_box_spline_cdf.defjvp
-def _box_spline_cdf_jvp(primals, tangents):
-    s, w0, w1, w2 = primals
-    ds, dw0, dw1, dw2 = tangents
+def _corner_sums(s, w0, w1, w2):
+    """The box spline's sums over its 8 corners: (sum e t^3, sum e t^2, [sum e e_k t^2]),
+    t = (s + e.w/2)_+ and e the corner's sign product."""
     c3 = 0.0
-    c2 = 0.0  # sum e t^2
-    c2w = [0.0, 0.0, 0.0]  # sum e e_k t^2
+    c2 = 0.0
+    c2w = [0.0, 0.0, 0.0]
     for e0, e1, e2 in _SIGNS:
         t = jnp.maximum(s + 0.5 * (e0 * w0 + e1 * w1 + e2 * w2), 0.0)
         sgn = e0 * e1 * e2
@@ -58,6 +57,14 @@ def _box_spline_cdf_jvp(primals, tangents):
         c2w[0] = c2w[0] + e0 * t2
         c2w[1] = c2w[1] + e1 * t2
         c2w[2] = c2w[2] + e2 * t2
+    return c3, c2, c2w
+
+
+@_box_spline_cdf.defjvp
+def _box_spline_cdf_jvp(primals, tangents):
+    s, w0, w1, w2 = primals
+    ds, dw0, dw1, dw2 = tangents
+    c3, c2, c2w = _corner_sums(s, w0, w1, w2)
     W6 = 6.0 * w0 * w1 * w2
     F = c3 / W6
     dF_ds = 3.0 * c2 / W6
@@ -87,6 +94,31 @@ def voxel_ball(dz, dy, dx, R, voxel_size):
     w2 = jnp.maximum(jnp.abs(dx) * vx / r, floor)
     var_n = (w0 * w0 + w1 * w1 + w2 * w2) / 12.0
     return _box_spline_cdf(R - var_n / R - r, w0, w1, w2)
+
+
+def voxel_ball_derivatives(dz, dy, dx, R, voxel_size):
+    """``voxel_ball`` and its derivatives in closed form: (value, d/dR, [d/d dz, d/d dy,
+    d/d dx]), arrays of the broadcast shape. One pass over the box spline's corners; what
+    autodiff of ``voxel_ball`` gives (to float32 rounding), at a fraction of its cost on
+    CPU."""
+    d = (dz, dy, dx)
+    vmin = min(voxel_size)
+    r = jnp.sqrt(dz * dz + dy * dy + dx * dx + (1e-3 * vmin) ** 2)
+    floor = 0.1 * vmin
+    a = [jnp.abs(d[k]) * voxel_size[k] / r for k in range(3)]
+    w = [jnp.maximum(ak, floor) for ak in a]
+    var_n = (w[0] * w[0] + w[1] * w[1] + w[2] * w[2]) / 12.0
+    c3, c2, c2w = _corner_sums(R - var_n / R - r, *w)
+    W6 = 6.0 * w[0] * w[1] * w[2]
+    F = c3 / W6
+    Cs = 3.0 * c2 / W6  # dF/ds, s = R - var_n / R - r
+    # dF/dw_k through the box and through var_n, where w_k follows a_k (above the floor)
+    q = [jnp.where(a[k] > floor, 1.5 * c2w[k] / W6 - F / w[k] - Cs * w[k] / (6.0 * R), 0.0)
+         for k in range(3)]
+    common = (q[0] * a[0] + q[1] * a[1] + q[2] * a[2]) / (r * r) + Cs / r
+    dR = Cs * (1.0 + var_n / (R * R))
+    dd = [q[j] * voxel_size[j] * jnp.sign(d[j]) / r - d[j] * common for j in range(3)]
+    return F, dR, dd
 
 
 @jax.tree_util.register_dataclass

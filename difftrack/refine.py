@@ -285,15 +285,20 @@ def _gain_terms(params: Params, resid_w, w, geom, batch=32):
 
 def _quality(params: Params, z2, geom):
     """Local RMS of (residual / noise) over each particle's own voxels (ball > 0.5)."""
+    return np.sqrt(np.asarray(_quality_mean(params, jnp.asarray(z2, jnp.float32), geom)))
+
+
+@partial(jax.jit, static_argnames="geom")
+def _quality_mean(params: Params, z2, geom):
     unit = Particles(params.particles.pos, params.particles.radius,
                      jnp.ones_like(params.particles.amplitude))
     vals, corner = patch_values(unit, geom)
-    g = gather_patches(to_canvas(jnp.asarray(z2, jnp.float32), geom), corner, geom)
+    g = gather_patches(to_canvas(z2, geom), corner, geom)
     inside = (vals > 0.5).astype(jnp.float32)
     # voxels of the patch inside the stack only
     ones = gather_patches(to_canvas(jnp.ones(geom.shape, jnp.float32), geom), corner, geom)
     n = jnp.sum(inside * ones, axis=(1, 2, 3))
-    return np.sqrt(np.asarray(jnp.sum(inside * g, axis=(1, 2, 3)) / jnp.maximum(n, 1.0)))
+    return jnp.sum(inside * g, axis=(1, 2, 3)) / jnp.maximum(n, 1.0)
 
 
 # The addition's candidates outside the stack: at least this fraction of a whole
@@ -334,31 +339,45 @@ def _gain_map(resid_w, w, params: Params, geom, R, sign, reach, min_inside=MIN_L
     """
     vs = geom.voxel_size
     h = [int(np.ceil(R / v)) + 2 + k for v, k in zip(vs, geom.kernel_half)]  # template reach
-    pad = [int(r) + hh for r, hh in zip(reach, h)]  # no wrap-around into the stack
-    shp = tuple(scipy.fft.next_fast_len(s + 2 * p, real=True) for s, p in zip(geom.shape, pad))
-    ax = []
-    for n, v in zip(shp, vs):
-        i = np.arange(n)
-        ax.append(np.where(i <= n // 2, i, i - n).astype(np.float32) * v)
-    ball = voxel_ball(jnp.asarray(ax[0])[:, None, None], jnp.asarray(ax[1])[None, :, None],
-                      jnp.asarray(ax[2])[None, None, :], float(R), vs)
-    kernel = params.psf.kernel(vs, geom.kernel_half)
-    tf = jnp.fft.rfftn(ball) * jnp.fft.rfftn(kernel_on_grid(kernel, geom.kernel_half, shp))
-    t2f = jnp.fft.rfftn(jnp.fft.irfftn(tf, s=shp) ** 2)
-
-    def place(f):
-        return jnp.pad(jnp.asarray(f), [(p, n - s - p) for p, n, s in zip(pad, shp, geom.shape)])
-
-    num = jnp.fft.irfftn(jnp.fft.rfftn(place(resid_w)) * jnp.conj(tf), s=shp)
-    den = jnp.fft.irfftn(jnp.fft.rfftn(place(w)) * jnp.conj(t2f), s=shp)
-    sl = tuple(slice(p - int(r), p + s + int(r)) for p, s, r in zip(pad, geom.shape, reach))
-    num, den = np.asarray(num)[sl], np.asarray(den)[sl]
+    pad = tuple(int(r) + hh for r, hh in zip(reach, h))  # no wrap-around into the stack
+    num, den = _gain_fields(jnp.asarray(resid_w, jnp.float32), jnp.asarray(w, jnp.float32),
+                            params.psf, jnp.float32(R), geom=geom, pad=pad,
+                            reach=tuple(int(r) for r in reach))
+    num, den = np.asarray(num), np.asarray(den)
     # a candidate needs ``min_inside`` of a whole particle's light energy inside the stack
     ok = den > min_inside * np.percentile(den, 99)
     den = np.where(ok, den, 1.0)
     amp = np.where(ok, num / den, 0.0)
     gain = np.where(ok & (np.sign(amp) == sign), num * num / den, 0.0)
     return gain, amp
+
+
+@partial(jax.jit, static_argnames=("geom", "pad", "reach"))
+def _gain_fields(resid_w, w, psf, R, *, geom, pad, reach):
+    """``_gain_map``'s correlations on the stack extended by ``reach`` voxels: (sum w r t,
+    sum w t^2) for the unit particle's light t centred at each voxel, the stack padded by
+    ``pad`` voxels on every side (no wrap-around). Jitted: run eagerly, its ~15 operations
+    were compiled one by one for every new layout (a third of refine's compiles on a
+    16x40x40 stack, docs/refine.md, twelfth session)."""
+    vs = geom.voxel_size
+    shp = tuple(scipy.fft.next_fast_len(s + 2 * p, real=True) for s, p in zip(geom.shape, pad))
+    ax = []
+    for n, v in zip(shp, vs):
+        i = np.arange(n)
+        ax.append(np.where(i <= n // 2, i, i - n).astype(np.float32) * v)
+    ball = voxel_ball(jnp.asarray(ax[0])[:, None, None], jnp.asarray(ax[1])[None, :, None],
+                      jnp.asarray(ax[2])[None, None, :], R, vs)
+    kernel = psf.kernel(vs, geom.kernel_half)
+    tf = jnp.fft.rfftn(ball) * jnp.fft.rfftn(kernel_on_grid(kernel, geom.kernel_half, shp))
+    t2f = jnp.fft.rfftn(jnp.fft.irfftn(tf, s=shp) ** 2)
+
+    def place(f):
+        return jnp.pad(f, [(p, n - s - p) for p, n, s in zip(pad, shp, geom.shape)])
+
+    num = jnp.fft.irfftn(jnp.fft.rfftn(place(resid_w)) * jnp.conj(tf), s=shp)
+    den = jnp.fft.irfftn(jnp.fft.rfftn(place(w)) * jnp.conj(t2f), s=shp)
+    sl = tuple(slice(p - r, p + s + r) for p, s, r in zip(pad, geom.shape, reach))
+    return num[sl], den[sl]
 
 
 # ----------------------------------------------------------------------------------------

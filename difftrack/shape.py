@@ -84,16 +84,22 @@ def voxel_ball(dz, dy, dx, R, voxel_size):
     along the normal) so that the ball's volume is right to second order in voxel/R.
     Smooth (C2) in the centre and the radius.
     """
-    vz, vy, vx = voxel_size
+    r, _, w, var_n, floor = _normal_box(dz, dy, dx, voxel_size)
+    return _box_spline_cdf(R - var_n / R - r, *w)
+
+
+def _normal_box(dz, dy, dx, voxel_size):
+    """The voxel box seen along the surface normal: (r, a, w, var_n, floor), r the distance
+    from the centre, a_k = |d_k| v_k / r the box's width along the normal per axis, w_k
+    that width held above ``floor`` (which keeps the box spline well conditioned along
+    the axes), var_n the box's variance along the normal."""
     vmin = min(voxel_size)
-    r2 = dz * dz + dy * dy + dx * dx + (1e-3 * vmin) ** 2
-    r = jnp.sqrt(r2)
-    floor = 0.1 * vmin  # keeps the box spline well conditioned along the axes
-    w0 = jnp.maximum(jnp.abs(dz) * vz / r, floor)
-    w1 = jnp.maximum(jnp.abs(dy) * vy / r, floor)
-    w2 = jnp.maximum(jnp.abs(dx) * vx / r, floor)
-    var_n = (w0 * w0 + w1 * w1 + w2 * w2) / 12.0
-    return _box_spline_cdf(R - var_n / R - r, w0, w1, w2)
+    r = jnp.sqrt(dz * dz + dy * dy + dx * dx + (1e-3 * vmin) ** 2)
+    floor = 0.1 * vmin
+    a = [jnp.abs(d) * v / r for d, v in zip((dz, dy, dx), voxel_size)]
+    w = [jnp.maximum(ak, floor) for ak in a]
+    var_n = (w[0] * w[0] + w[1] * w[1] + w[2] * w[2]) / 12.0
+    return r, a, w, var_n, floor
 
 
 def voxel_ball_derivatives(dz, dy, dx, R, voxel_size):
@@ -102,12 +108,7 @@ def voxel_ball_derivatives(dz, dy, dx, R, voxel_size):
     autodiff of ``voxel_ball`` gives (to float32 rounding), at a fraction of its cost on
     CPU."""
     d = (dz, dy, dx)
-    vmin = min(voxel_size)
-    r = jnp.sqrt(dz * dz + dy * dy + dx * dx + (1e-3 * vmin) ** 2)
-    floor = 0.1 * vmin
-    a = [jnp.abs(d[k]) * voxel_size[k] / r for k in range(3)]
-    w = [jnp.maximum(ak, floor) for ak in a]
-    var_n = (w[0] * w[0] + w[1] * w[1] + w[2] * w[2]) / 12.0
+    r, a, w, var_n, floor = _normal_box(dz, dy, dx, voxel_size)
     c3, c2, c2w = _corner_sums(R - var_n / R - r, *w)
     W6 = 6.0 * w[0] * w[1] * w[2]
     F = c3 / W6

@@ -256,15 +256,15 @@ def test_ball_gradient_matches_autodiff():
     def auto(p):  # autodiff through voxel_ball
         return jnp.sum(G * _balls_plain(p.pos, p.radius, p.amplitude, g))
 
-    want = jax.grad(auto)(P)
-    got = jax.grad(lambda p: jnp.sum(G * patch_values(p, g)[0]))(P)
+    want = jax.jit(jax.grad(auto))(P)  # jitted: eagerly, every small operation compiles apart
+    got = jax.jit(jax.grad(lambda p: jnp.sum(G * patch_values(p, g)[0])))(P)
     # centres held (the shape fit): autodiff's own path, the same to the bit
     held = lambda r, a: jnp.sum(G * patch_values(Particles(P.pos, r, a), g)[0])  # noqa: E731
     auto_held = lambda r, a: auto(Particles(P.pos, r, a))  # noqa: E731
-    for a, b in zip(jax.grad(held, (0, 1))(P.radius, P.amplitude),
-                    jax.grad(auto_held, (0, 1))(P.radius, P.amplitude)):
+    for a, b in zip(jax.jit(jax.grad(held, (0, 1)))(P.radius, P.amplitude),
+                    jax.jit(jax.grad(auto_held, (0, 1)))(P.radius, P.amplitude)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    every = jax.vmap(partial(_ball_grads, g))((P.pos, P.radius, P.amplitude, G))
+    every = jax.jit(jax.vmap(partial(_ball_grads, g)))((P.pos, P.radius, P.amplitude, G))
     # float32: the box spline's corner sums cancel, and autodiff's own gradient is off
     # float64's by up to 0.4% of an element here; the paths differ by < 0.04% of the largest
     for name, k in (("pos", 0), ("radius", 1), ("amplitude", 2)):

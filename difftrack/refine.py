@@ -717,6 +717,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                                        steps=shape_steps, amplitude_mask=jnp.asarray(mask),
                                        hold_psf=hold_psf, hold_illum=True, radius_prior=kappa,
                                        grid_prior=GRID_PRIOR)
+        if verbose:
+            print(f"shape fit: {len(hist)} steps, loss {hist[0]:.6g} -> {hist[-1]:.6g}")
         return _clamp(shape_p, jnp.asarray(mask), static, rbounds), hist
 
     # fit_shape left the faces out; fit the background and shape to every voxel (centres

@@ -120,6 +120,20 @@ def to_normalised_units(params: Params, centre, scale) -> Params:
 # units, g its mirror average (PSF.symmetric_grid). Where the light defines the kernel it
 # hardly matters (1 and 10 gave the same positions on dev_peri_r4_phi48_bright); where it
 # does not, it holds the grid at 0.
+class BorderError(ValueError):
+    """All ``n`` positions lie too near a face for the shape fit to see their light (the
+    fit leaves out ``border`` = (z, y, x) voxels at each face); ``advice`` ends the
+    message (callers reword it: ``refine_positions`` has no ``border``)."""
+
+    def __init__(self, n, border, advice):
+        super().__init__(
+            f"all {n} positions lie within the border (z, y, x) = {border} voxels of a face, "
+            "too far from the region the fit uses for their light to reach it (light of "
+            "particles outside the stack falls there): the shape cannot be learned from "
+            f"them. {advice}")
+        self.n, self.border = n, border
+
+
 GRID_PRIOR = 10.0
 
 
@@ -323,12 +337,9 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
     r_vox = (radius + np.asarray([elongation * sxy, sxy, sxy])) / np.asarray(vs_eff) + 0.5
     lit = np.all((pos >= b_eff - r_vox) & (pos <= np.asarray(image.shape) - 1 - b_eff + r_vox), axis=1)
     if not lit.any():
-        raise ValueError(
-            f"all {len(pos)} positions lie within the border (z, y, x) = {tuple(b_eff.tolist())} "
-            "voxels of a face, too far from the region the fit uses for their light to reach "
-            "it (light of particles outside the stack falls there): the shape cannot be "
-            "learned from them. Give at least one position farther inside the stack, or a "
-            "smaller border (fit_shape's ``border``)")
+        raise BorderError(len(pos), tuple(b_eff.tolist()),
+                          "Give at least one position farther inside the stack, or a smaller "
+                          "border (``border``)")
     p0 = initial_params(data_n, pos_j, geom, radius=radius, sign=sign, psf=psf, weight=weight)
     validate(p0, geom)
     cb = None

@@ -47,7 +47,7 @@ from ._checks import check_positions, check_stack, check_voxel_size
 from .detect import _ellipsoid
 from .fisher import at_voxels, coupled_covariance, own_blocks
 from .metrics import _interior
-from .model import (GRID_PRIOR, Model, _normalise, fit_parameters, fit_shape, radius_spread_penalty,
+from .model import (GRID_PRIOR, BorderError, Model, _normalise, fit_parameters, fit_shape, radius_spread_penalty,
                     to_image_units, to_normalised_units)
 from .optimize import minimize
 from .render import (Params, Particles, background_field, correlate, gather_patches,
@@ -456,8 +456,12 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     if len(pos0) == 0:
         raise ValueError("positions is empty: refine needs at least one starting particle "
                          "(run a detector first)")
-    shape_model = fit_shape(image, pos0, voxel_size=vs, radius=radius, invert=invert,
-                            steps=shape_steps, psf=psf, psf_grid=psf_grid)
+    try:
+        shape_model = fit_shape(image, pos0, voxel_size=vs, radius=radius, invert=invert,
+                                steps=shape_steps, psf=psf, psf_grid=psf_grid)
+    except BorderError as e:  # the same error, with advice that refine can take
+        raise BorderError(e.n, e.border, "Give at least one starting position farther "
+                          "inside the stack (the border follows from the radius and the PSF)") from None
     hold_psf = psf is not None
     geom = shape_model.geometry
     vs_eff = geom.voxel_size

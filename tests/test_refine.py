@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from difftrack import simulate
+from difftrack import fit_shape, simulate
 from difftrack.refine import (OUTSIDE_PENALTY, _ellipsoid, _gain_map, _penalty_at, _removal_gain,
                               estimate_noise, refine_positions)
 from difftrack.render import Params, Particles, render
@@ -260,9 +260,13 @@ def test_refine_bad_input():
     # every start on a face, where the shape fit leaves the light out: nothing to learn from
     # (before the check: 43 face starts of this stack ended as 1 particle after 2,524 additions)
     image = np.random.default_rng(0).poisson(20.0, (16, 28, 32)).astype(np.uint16)
-    with pytest.raises(ValueError, match="all 3 positions lie within the border"):
+    with pytest.raises(ValueError, match="all 3 positions lie within the border") as err:
         refine_positions(image, [[-0.5, 14.0, 16.0], [15.5, 3.0, 5.0], [8.0, 0.0, 16.0]],
                          voxel_size=(0.2, 0.1, 0.1), radius=0.4, invert=False)
+    # the advice names what refine's caller can change: refine has no ``border``
+    assert "starting position farther inside" in str(err.value) and "``border``" not in str(err.value)
+    with pytest.raises(ValueError, match=r"or a smaller border \(``border``\)"):  # fit_shape's own
+        fit_shape(image, [[-0.5, 14.0, 16.0]], voxel_size=(0.2, 0.1, 0.1), radius=0.4, invert=False)
 
 
 def test_whitening_makes_each_particles_own_curvature_the_identity(sim):

@@ -31,14 +31,15 @@ from difftrack.detect import find_peaks
 VS = (0.15, 0.1, 0.1)
 
 
-FIELDS = ("log_sigma_xy", "log_sigma_z", "z_offset", "logit_weight")
+FIELDS = ("log_sigma_xy", "log_sigma_z", "z_offset", "logit_weight", "log_grid")  # grid: or None
 
 
 def save_spec(path, spec, true_psf, true_radius, cnr):
     """The learned shape (``spec`` from ``training.shape_spec_from``) and the true one, for
     ``load_spec`` (benchmarks/finetune_gpu.py)."""
-    np.savez(path, **{f"learned_{k}": np.asarray(getattr(spec["psf"], k)) for k in FIELDS},
-             **{f"true_{k}": np.asarray(getattr(true_psf, k)) for k in FIELDS},
+    np.savez(path, **{f"{who}_{k}": np.asarray(getattr(p, k))
+                      for who, p in (("learned", spec["psf"]), ("true", true_psf)) for k in FIELDS
+                      if getattr(p, k) is not None},
              voxel_size=np.asarray(spec["voxel_size"]), learned_radius=spec["radius"],
              true_radius=true_radius, cnr=float(cnr), dark=bool(spec["dark"]))
 
@@ -49,7 +50,8 @@ def load_spec(path, which):
     from difftrack.shape import PSF
 
     d = np.load(path)
-    psf = PSF(*(np.asarray(d[f"{which}_{k}"], np.float32) for k in FIELDS))
+    psf = PSF(*(np.asarray(d[f"{which}_{k}"], np.float32) if f"{which}_{k}" in d else None
+                for k in FIELDS))  # no grid saved: None
     return dict(psf=psf, voxel_size=tuple(d["voxel_size"]), radius=float(d[f"{which}_radius"]),
                 cnr=float(d["cnr"]), dark=bool(d["dark"]) if "dark" in d else None)
 

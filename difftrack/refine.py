@@ -8,7 +8,8 @@ The loop (``refine_positions``):
    per brightness bin), so photon-counting data get Poisson-aware weights and stacks of
    unknown gain (8-bit) are calibrated from themselves.
 3. Rounds of: addition at the peaks of the residual's matched-filter gain map above the
-   penalty; a shape fit (PSF, radii, amplitudes, background; centres held); a joint
+   penalty; a shape fit (PSF, radii, amplitudes, background; centres held; PSF components
+   the softmax has starved put back first, ``_revive_components``); a joint
    weighted least-squares fit of positions, radii, amplitudes and background (L-BFGS,
    PSF held; a hard-sphere overlap penalty keeps particles from merging); removal of
    particles whose light does not pay (chi^2 gain below the penalty), that overlap a
@@ -193,6 +194,30 @@ def _whitened_loss(u, base, M, s_off, anchor, psf, data, w, mask, pairs, pair_ma
     chi2 = data.size * _joint_loss(free, psf, data, w, mask, pairs, pair_mask, rbounds,
                                    static=static)
     return 0.5 * (chi2 + 1e4 * jnp.sum(mask * excess * excess))
+
+
+DEAD_WEIGHT = 0.01
+REVIVED_WEIGHT = 0.05
+
+
+def _revive_components(psf):
+    """A PSF whose components of weight below ``DEAD_WEIGHT`` (a mixture component that
+    softmax has starved: its gradient vanishes with its weight, so the fit never brings it
+    back) are put back at ``REVIVED_WEIGHT`` each, as wider tails of the strongest one
+    (``PSF.init``'s 2x, 4x), the others' weights scaled to make room."""
+    w = np.asarray(psf.weights, np.float64)
+    dead = w < DEAD_WEIGHT
+    if not dead.any() or dead.all():
+        return psf
+    k0 = int(np.argmax(w))
+    w_new = np.where(dead, REVIVED_WEIGHT, w * (1 - REVIVED_WEIGHT * dead.sum()) / w[~dead].sum())
+    lxy, lz, off = (np.asarray(a, np.float64).copy() for a in (psf.log_sigma_xy, psf.log_sigma_z,
+                                                                psf.z_offset))
+    for j, k in enumerate(np.flatnonzero(dead)):
+        lxy[k], lz[k], off[k] = lxy[k0] + (j + 1) * np.log(2.0), lz[k0] + (j + 1) * np.log(2.0), off[k0]
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    return dataclasses.replace(psf, log_sigma_xy=f32(lxy), log_sigma_z=f32(lz), z_offset=f32(off),
+                               logit_weight=f32(np.log(w_new)))
 
 
 @partial(jax.jit, static_argnames=("geom",))
@@ -715,8 +740,13 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     if verbose:
         print(f"start: active {int(mask.sum())}, removed {n0} {counts}")
     @timed("shape fit")
-    def shape_fit(params):
+    def shape_fit(params, revive=False):
+        """Radii, amplitudes, PSF and background offset with the centres held; ``revive``
+        (the rounds' fits, not the first or the polish's): starved PSF components first
+        put back (``_revive_components``)."""
         m, w = weights(params)
+        if revive and not hold_psf:
+            params = dataclasses.replace(params, psf=_revive_components(params.psf))
         shape_p, hist = fit_parameters(params, data_n, geom, radius=R0, weight=jnp.asarray(w),
                                        steps=shape_steps, amplitude_mask=jnp.asarray(mask),
                                        hold_psf=hold_psf, hold_illum=True, radius_prior=kappa,
@@ -743,7 +773,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         # took the light of the missing particles into its tail; fitting positions with it
         # moved 87 of 523 particles on a simulated stack more than half a voxel (34 when the
         # shape was relearned first), the start of neighbours sliding into holes
-        params, hist = shape_fit(params)
+        params, hist = shape_fit(params, revive=True)
         history += hist
         m, w = weights(params)
         params, hist = joint_fit(params, w)

@@ -374,3 +374,33 @@ def test_gain_map_finds_a_missing_particle_beyond_a_face(sim):
     beyond = _penalty_at(centres, data.shape, penalty) < penalty
     assert beyond.sum() == 2 * 4 * data.shape[1] * data.shape[2]  # the 4 slices beyond each z face
     assert gmap[beyond].max() < OUTSIDE_PENALTY * penalty
+
+
+def test_starved_psf_components_are_revived():
+    """A component the softmax has starved (weight < DEAD_WEIGHT) gets REVIVED_WEIGHT back,
+    as a wider tail of the strongest one; the others keep their ratios; a PSF with no
+    starved component is returned as it is."""
+    import dataclasses
+
+    from difftrack.refine import DEAD_WEIGHT, REVIVED_WEIGHT, _revive_components
+    from difftrack.shape import PSF
+
+    alive = PSF.init(0.1, 0.28)
+    assert _revive_components(alive) is alive
+    # the bright PERI stack's collapsed PSF (seed 3): weights 0.998 / 0.0015 / 0.0007
+    starved = dataclasses.replace(alive, logit_weight=jnp.asarray([2.74, -3.78, -4.57]),
+                                  z_offset=jnp.asarray([0.13, 2.44, 0.12]))
+    assert np.sum(np.asarray(starved.weights) < DEAD_WEIGHT) == 2
+    p = _revive_components(starved)
+    np.testing.assert_allclose(p.weights, [1 - 2 * REVIVED_WEIGHT, REVIVED_WEIGHT, REVIVED_WEIGHT],
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.exp(p.log_sigma_xy), [0.1, 0.2, 0.4], rtol=1e-5)
+    np.testing.assert_allclose(np.exp(p.log_sigma_z), [0.28, 0.56, 1.12], rtol=1e-5)
+    np.testing.assert_allclose(p.z_offset, [0.13, 0.13, 0.13], rtol=1e-5)
+    # two live components keep their ratio
+    two = dataclasses.replace(alive, logit_weight=jnp.log(jnp.asarray([0.6, 0.395, 0.005])))
+    q = _revive_components(two)
+    w = np.asarray(q.weights)
+    np.testing.assert_allclose(w[2], REVIVED_WEIGHT, rtol=1e-5)
+    np.testing.assert_allclose(w[0] / w[1], 0.6 / 0.395, rtol=1e-5)
+    np.testing.assert_allclose(q.log_sigma_xy[:2], two.log_sigma_xy[:2])

@@ -116,10 +116,6 @@ def to_normalised_units(params: Params, centre, scale) -> Params:
         params.psf, Background(off, params.background.illum))
 
 
-# the prior on the PSF's free-form grid (PSF.log_grid): GRID_PRIOR * sum(g^2) in chi^2
-# units, g its mirror average (PSF.symmetric_grid). Where the light defines the kernel it
-# hardly matters (1 and 10 gave the same positions on dev_peri_r4_phi48_bright); where it
-# does not, it holds the grid at 0.
 class BorderError(ValueError):
     """All ``n`` positions lie too near a face for the shape fit to see their light (the
     fit leaves out ``border`` = (z, y, x) voxels at each face); ``advice`` ends the
@@ -134,6 +130,10 @@ class BorderError(ValueError):
         self.n, self.border = n, border
 
 
+# the prior on the PSF's free-form grid (PSF.log_grid): GRID_PRIOR * sum(g^2) in chi^2
+# units, g its mirror average (PSF.symmetric_grid). Where the light defines the kernel it
+# hardly matters (1 and 10 gave the same positions on dev_peri_r4_phi48_bright); where it
+# does not, it holds the grid at 0.
 GRID_PRIOR = 10.0
 
 

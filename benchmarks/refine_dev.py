@@ -1,10 +1,11 @@
 """refine_positions on the dev stacks from degraded truth (issue 4's protocol).
 
-    python benchmarks/refine_dev.py [NAME ...] [--options JSON] [--seed N]
+    python benchmarks/refine_dev.py [NAME ...] [--options JSON] [--seed N] [--save DIR]
 
 ``--options '{"polydispersity": null}'``: keyword arguments for ``refine_positions``.
 ``--seed N``: the degraded start's seed (default 0, the one every table used); the runs are
 chaotic in their start and rounding, so several seeds tell a change from the spread.
+``--save DIR``: also write each run's table to DIR/NAME_seedN.csv (for analyses after).
 
 Start: the true centres jittered by U(-0.5, 0.5) voxel per axis, 10% deleted, 2% spurious
 added uniformly in the stack (seeded). Scored on the interior (one radius from each face):
@@ -61,7 +62,7 @@ def _diagnostics(f, t, crlb, shape, rad_vox):
                 rmse_over_crlb_z_detrended=round(float(np.sqrt((ez**2).mean()) / crlb[0]), 2))
 
 
-def main(names, options=None, seed=0):
+def main(names, options=None, seed=0, save=None):
     crlb = json.loads((DEV / "crlb.json").read_text())
     rows = []
     for name in names:
@@ -94,6 +95,9 @@ def main(names, options=None, seed=0):
                    joint_fits=res.stats.get("joint_fits"), joint_steps=res.stats["steps"],
                    particles_per_second=round(len(f) / dt, 1))
         rows.append(row)
+        if save is not None:
+            Path(save).mkdir(parents=True, exist_ok=True)
+            res.particles.to_csv(Path(save) / f"{name}_seed{seed}.csv", index=False)
         print(row, flush=True)
     return rows
 
@@ -104,5 +108,6 @@ if __name__ == "__main__":
     ap.add_argument("--options", type=json.loads, default=None,
                     help="JSON object of keyword arguments for refine_positions")
     ap.add_argument("--seed", type=int, default=0, help="the degraded start's seed (default 0)")
+    ap.add_argument("--save", default=None, help="write each run's table to DIR/NAME_seedN.csv")
     args = ap.parse_args()
-    main(args.names or NAMES, args.options, args.seed)
+    main(args.names or NAMES, args.options, args.seed, args.save)

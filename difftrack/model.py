@@ -262,7 +262,7 @@ def initial_params(data_n, pos, geom: Geometry, *, radius, sign, psf: PSF, weigh
 
 def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", steps=300,
               n_components=3, elongation=2.5, border="auto", progress=False, psf=None,
-              psf_grid=False) -> Model:
+              psf_grid=False, psf_depth=False) -> Model:
     """Learn the particle shape S, radii, amplitudes and background with positions held.
 
     Parameters
@@ -288,6 +288,8 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
         (``PSF.log_grid``, held near 0 by a prior of ``GRID_PRIOR`` chi^2 per unit of
         log_grid^2): a second fit after the Gaussians' one; ignored when ``psf`` is
         given.
+    psf_depth : let the PSF's widths change linearly with depth (``PSF.with_depth``);
+        ignored when ``psf`` is given.
 
     Returns
     -------
@@ -321,6 +323,8 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
         sxy, sz = default_psf_sigmas(vs_eff, elongation)
         sxy = max(sxy, 0.2 * radius)
         psf = PSF.init(sxy, elongation * sxy, n_components)
+        if psf_depth:
+            psf = psf.with_depth()
     geom = make_geometry(image.shape, vs_eff, radius, psf)
     pos_j = jnp.asarray(pos, jnp.float32)
     if isinstance(border, str):

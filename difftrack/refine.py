@@ -216,8 +216,14 @@ def _revive_components(psf):
     for j, k in enumerate(np.flatnonzero(dead)):
         lxy[k], lz[k], off[k] = lxy[k0] + (j + 1) * np.log(2.0), lz[k0] + (j + 1) * np.log(2.0), off[k0]
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    return dataclasses.replace(psf, log_sigma_xy=f32(lxy), log_sigma_z=f32(lz), z_offset=f32(off),
-                               logit_weight=f32(np.log(w_new)))
+    out = dataclasses.replace(psf, log_sigma_xy=f32(lxy), log_sigma_z=f32(lz), z_offset=f32(off),
+                              logit_weight=f32(np.log(w_new)))
+    if psf.has_depth:  # the tails widen with depth as the strongest component does
+        dxy, dz = (np.asarray(a, np.float64).copy() for a in (psf.depth_log_sigma_xy,
+                                                              psf.depth_log_sigma_z))
+        dxy[dead], dz[dead] = dxy[k0], dz[k0]
+        out = dataclasses.replace(out, depth_log_sigma_xy=f32(dxy), depth_log_sigma_z=f32(dz))
+    return out
 
 
 @partial(jax.jit, static_argnames=("geom",))
@@ -413,7 +419,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                      max_rounds=6, steps=150, shape_steps=150, xtol=0.02, penalty=None, overlap=0.7,
                      noise=None, polish=2, min_amplitude=0.4, polydispersity=0.1, add_passes=3,
                      max_move=1.0, gauge=True, neighbours=12, progress=False, verbose=False,
-                     psf=None, psf_grid=False, outside_penalty=OUTSIDE_PENALTY) -> RefineResult:
+                     psf=None, psf_grid=False, psf_depth=False,
+                     outside_penalty=OUTSIDE_PENALTY) -> RefineResult:
     """Refine rough centres to the best positions the light allows, add the missed
     particles, remove the spurious ones, and give per-particle uncertainties.
 
@@ -461,6 +468,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         to hold fixed instead of learning it; None learns it.
     psf_grid : learn a free-form correction of the PSF on its voxel grid as well
         (``fit_shape``'s ``psf_grid``; ignored when ``psf`` is given).
+    psf_depth : let the PSF's widths change with depth (``fit_shape``'s ``psf_depth``;
+        ignored when ``psf`` is given).
 
     Returns
     -------
@@ -483,7 +492,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                          "(run a detector first)")
     try:
         shape_model = fit_shape(image, pos0, voxel_size=vs, radius=radius, invert=invert,
-                                steps=shape_steps, psf=psf, psf_grid=psf_grid)
+                                steps=shape_steps, psf=psf, psf_grid=psf_grid,
+                                psf_depth=psf_depth)
     except BorderError as e:  # the same error, with advice that refine can take
         raise BorderError(e.n, e.border, "Give at least one starting position farther "
                           "inside the stack (the border follows from the radius and the PSF)") from None

@@ -336,11 +336,32 @@ def correlate(field, kernel, geom: Geometry):
     return jnp.fft.irfftn(f * jnp.conj(jnp.fft.rfftn(kfull)), s=geom.canvas)
 
 
+def depth_weights(geom: Geometry):
+    """The share of the last face's kernel at each canvas z plane, (canvas_z, 1, 1): the
+    normalised depth t (-1 at the stack's first slice, +1 at its last, held beyond) as
+    (1 + t) / 2 (``PSF.kernel``'s ``depth``)."""
+    n, m = geom.shape[0], geom.margin[0]
+    t = np.clip(2.0 * (np.arange(geom.canvas[0]) - m) / max(n - 1, 1) - 1.0, -1.0, 1.0)
+    return jnp.asarray(0.5 * (1.0 + t), jnp.float32)[:, None, None]
+
+
+def blur(field, psf: PSF, geom: Geometry):
+    """The PSF applied to a canvas field of emitters (``convolve``); where the PSF's widths
+    change with depth (``PSF.has_depth``), each emitter's light is blurred by the PSF of
+    its own depth: the field split between the two faces' kernels by ``depth_weights``."""
+    if not psf.has_depth:
+        return convolve(field, psf.kernel(geom.voxel_size, geom.kernel_half), geom)
+    s = depth_weights(geom)
+    kf = [jnp.fft.rfftn(kernel_on_grid(psf.at_face(t).kernel(geom.voxel_size, geom.kernel_half),
+                                       geom.kernel_half, geom.canvas)) for t in (-1.0, 1.0)]
+    f = jnp.fft.rfftn(field * (1.0 - s)) * kf[0] + jnp.fft.rfftn(field * s) * kf[1]
+    return stack_region(jnp.fft.irfftn(f, s=geom.canvas), geom)
+
+
 def render_parts(params: Params, geom: Geometry):
     """(background B, particle light) on the stack; their sum is the model image."""
     P = rasterise(params.particles, geom) * illumination_field(params.background, geom)
-    kernel = params.psf.kernel(geom.voxel_size, geom.kernel_half)
-    return background_field(params.background, geom), convolve(P, kernel, geom)
+    return background_field(params.background, geom), blur(P, params.psf, geom)
 
 
 def validate(params: Params, geom: Geometry) -> None:

@@ -139,6 +139,14 @@ class PSF:
         the data shape what three Gaussians cannot (a real confocal PSF's rings, lobes and
         flat top); a prior (``model.fit_parameters``' ``grid_prior``) holds it near 0
         where the light does not define it. ``with_grid`` adds one.
+      depth_log_sigma_xy, depth_log_sigma_z: None, or (K,) each: how each component's log
+        widths change with the emitter's depth, per unit of the normalised depth t (-1 at
+        the stack's first z slice, +1 at its last): the PSF of a real confocal widens
+        with depth (spherical aberration of the index mismatch). The PSF at depth t is
+        the kernels at the two faces (t = -1, +1) mixed linearly, ``kernel``'s
+        ``depth``; the renderer applies it so (``render.blur``). Widths only: a change
+        of the light's centre with depth would be a z scaling of the centres, which no
+        fit of the light can tell from it. ``with_depth`` adds them.
     """
 
     log_sigma_xy: jax.Array
@@ -146,6 +154,8 @@ class PSF:
     z_offset: jax.Array
     logit_weight: jax.Array
     log_grid: jax.Array | None = None
+    depth_log_sigma_xy: jax.Array | None = None
+    depth_log_sigma_z: jax.Array | None = None
 
     @staticmethod
     def init(sigma_xy, sigma_z, n_components=3):
@@ -178,9 +188,31 @@ class PSF:
             out = out + w[k] * gz * gxy
         return out
 
-    def kernel(self, voxel_size, halfwidth):
+    @property
+    def has_depth(self):
+        return self.depth_log_sigma_xy is not None
+
+    def with_depth(self):
+        """This PSF with widths that may change with depth (zero change to start)."""
+        z = jnp.zeros_like(self.log_sigma_xy)
+        return dataclasses.replace(self, depth_log_sigma_xy=z, depth_log_sigma_z=z)
+
+    def at_face(self, t):
+        """The depth-free PSF of the face at normalised depth ``t`` (-1 or +1)."""
+        return dataclasses.replace(
+            self, log_sigma_xy=self.log_sigma_xy + t * self.depth_log_sigma_xy,
+            log_sigma_z=self.log_sigma_z + t * self.depth_log_sigma_z,
+            depth_log_sigma_xy=None, depth_log_sigma_z=None)
+
+    def kernel(self, voxel_size, halfwidth, depth=0.0):
         """The PSF sampled on a voxel grid of half-widths ``halfwidth`` (z, y, x), normalised
-        to sum 1. Shape (2*hz+1, 2*hy+1, 2*hx+1)."""
+        to sum 1. Shape (2*hz+1, 2*hy+1, 2*hx+1). With widths that change with depth
+        (``has_depth``): the PSF of an emitter at normalised depth ``depth`` (-1 .. 1;
+        default the stack's middle), the two faces' kernels mixed linearly."""
+        if self.has_depth:
+            s = 0.5 * (1.0 + depth)
+            return ((1.0 - s) * self.at_face(-1.0).kernel(voxel_size, halfwidth)
+                    + s * self.at_face(1.0).kernel(voxel_size, halfwidth))
         axes = [jnp.arange(-h, h + 1, dtype=jnp.float32) * v for h, v in zip(halfwidth, voxel_size)]
         k = self.evaluate(axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :])
         if self.log_grid is not None:

@@ -202,3 +202,45 @@ def test_psf_grid_learns_what_three_gaussians_cannot():
     assert np.abs(kg - kt).sum() < 0.93 * np.abs(kp - kt).sum()
     assert log_error(kg) < 0.93 * log_error(kp)
     assert grid.loss < 0.98 * plain.loss
+
+
+def test_psf_depth_learns_a_psf_that_widens_with_depth():
+    """A stack whose PSF widens with depth (log widths +-0.15 from the middle to the
+    faces): the renderer blurs a particle with its own depth's PSF, and ``psf_depth``
+    learns the change."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from difftrack.render import Background, Geometry, Params, Particles, render
+    from difftrack.simulate import default_psf
+
+    vs = (0.2, 0.1, 0.1)
+    base = default_psf(vs, 0.4).with_depth()
+    slope = jnp.full_like(base.log_sigma_xy, 0.15)
+    true_psf = dataclasses.replace(base, depth_log_sigma_xy=slope, depth_log_sigma_z=slope)
+    # a particle at a face is blurred by (nearly: its ball reaches inside) that face's PSF;
+    # measured 0.10 of the difference between the two faces' PSFs
+    g = Geometry.make((9, 16, 16), vs, max_radius=0.5, psf_extent=(2.0, 0.6))
+    bg = Background.constant(0.0, g)
+    for z, t in ((0.0, -1.0), (8.0, 1.0)):
+        p = Particles(jnp.asarray([[z, 8.0, 8.0]]), jnp.asarray([0.4]), jnp.asarray([1.0]))
+        near, face, far = (np.asarray(render(Params(p, q, bg), g))
+                           for q in (true_psf, true_psf.at_face(t), true_psf.at_face(-t)))
+        assert np.abs(near - face).max() < 0.3 * np.abs(near - far).max()
+    s = simulate((24, 32, 32), voxel_size=vs, radius=0.4, volume_fraction=0.45, photons=1000.0,
+                 psf=true_psf, seed=3)
+    pos = s.truth[["z", "y", "x"]].to_numpy()
+    inside = np.all((pos >= -0.5) & (pos <= np.asarray(s.image.shape) - 0.5), axis=1)
+    depth = fit_shape(s.image, pos[inside], voxel_size=vs, radius=0.4, steps=150, psf_depth=True)
+    assert depth.psf.has_depth
+    k = int(np.argmax(np.asarray(depth.psf.weights)))  # the core: measured 0.144 (xy), 0.151 (z)
+    assert float(depth.psf.depth_log_sigma_xy[k]) == pytest.approx(0.15, abs=0.04)
+    assert float(depth.psf.depth_log_sigma_z[k]) == pytest.approx(0.15, abs=0.04)
+    # each face's learned kernel is near the true one there: L1 measured 0.12 and 0.07;
+    # a PSF the same at every depth (fit_shape without psf_depth) is 0.29 from both
+    geo = depth.geometry
+    for t in (-1.0, 1.0):
+        kt = np.asarray(true_psf.at_face(t).kernel(geo.voxel_size, geo.kernel_half))
+        kd = np.asarray(depth.psf.at_face(t).kernel(geo.voxel_size, geo.kernel_half))
+        assert np.abs(kd - kt).sum() < 0.2

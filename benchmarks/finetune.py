@@ -31,7 +31,8 @@ from difftrack.detect import find_peaks
 VS = (0.15, 0.1, 0.1)
 
 
-FIELDS = ("log_sigma_xy", "log_sigma_z", "z_offset", "logit_weight", "log_grid")  # grid: or None
+FIELDS = ("log_sigma_xy", "log_sigma_z", "z_offset", "logit_weight", "log_grid",
+          "depth_log_sigma_xy", "depth_log_sigma_z")  # the last three: or None
 
 
 def save_spec(path, spec, true_psf, true_radius, cnr):

@@ -287,7 +287,9 @@ def _gain_terms(params: Params, resid_w, w, geom, batch=32):
     it on the patch. The own energy convolves the patch (times the illumination) with the
     PSF kernel by one small FFT of the patch + kernel window, weighted by w there (w is zero
     outside the stack, so light falling outside does not count): the same light as
-    ``render`` gives, without a whole-stack render per particle.
+    ``render`` gives, without a whole-stack render per particle (with widths that change
+    with depth, ``PSF.has_depth``, the middle's kernel: an approximation away from it, as
+    in ``_gain_fields`` and ``fisher``).
     """
     vals, corner = patch_values(params.particles, geom)  # a_i ball_i
     L = illumination_field(params.background, geom)
@@ -825,7 +827,9 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
 
     # ---- the z gauge: a common z shift of the centres and the opposite shift of the PSF
     # give the same image (exactly for whole voxels; to the PSF's sampling, well below the
-    # noise, for less), and the alternating shape and position fits drift along it.
+    # noise, for less; with widths that change with depth, ``psf_depth``, to the change of
+    # each emitter's depth weight by the shift), and the alternating shape and position
+    # fits drift along it.
     # Report the centres in their start's gauge: the median z displacement of the starts
     # still held is 0, counting only those one radius from every face, where all their
     # light is seen (near a face the fit compresses the centres towards the middle,

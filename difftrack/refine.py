@@ -469,7 +469,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     psf : a ``shape.PSF`` learned before (``result.model.psf``, e.g. from an earlier frame)
         to hold fixed instead of learning it; None learns it.
     psf_grid : learn a free-form correction of the PSF on its voxel grid as well
-        (``fit_shape``'s ``psf_grid``; ignored when ``psf`` is given). On by default: on
+        (``PSF.log_grid`` on the core, as ``fit_shape``'s ``psf_grid``, from refine's first
+        shape fit on; ignored when ``psf`` is given). On by default: on
         PERI's exact confocal PSF it lowered the error on every axis of every start tried,
         on stacks whose PSF is a sum of Gaussians it changed little (docs/refine.md,
         fourteenth session); it costs 20-40% more time.
@@ -497,8 +498,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                          "(run a detector first)")
     try:
         shape_model = fit_shape(image, pos0, voxel_size=vs, radius=radius, invert=invert,
-                                steps=shape_steps, psf=psf, psf_grid=psf_grid,
-                                psf_depth=psf_depth)
+                                steps=shape_steps, psf=psf, psf_depth=psf_depth)
     except BorderError as e:  # the same error, with advice that refine can take
         raise BorderError(e.n, e.border, "Give at least one starting position farther "
                           "inside the stack (the border follows from the radius and the PSF)") from None
@@ -508,6 +508,12 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     centre, scale = _normalise(image)
     data_n = jnp.asarray((image.astype(np.float32) - np.float32(centre)) / np.float32(scale))
     params = to_normalised_units(shape_model.params, centre, scale)
+    if psf_grid and not hold_psf:
+        # the grid is learned from the first of refine's own shape fits on, not by a second
+        # stage of fit_shape's: that was one more compiled fit and its steps, for figures
+        # within the spread between starts (docs/refine.md, fourteenth session)
+        core = params.psf.core_half(geom.voxel_size, geom.kernel_half)
+        params = dataclasses.replace(params, psf=params.psf.with_grid(core))
     # no illumination field (L = 1): every particle's amplitude is free, which takes up
     # the slow changes of brightness; all L could add is a gradient across a particle,
     # which moves its light as a common shift of the positions would (a near-degenerate

@@ -473,7 +473,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         shape fit on; ignored when ``psf`` is given). On by default: on
         PERI's exact confocal PSF it lowered the error on every axis of every start tried,
         on stacks whose PSF is a sum of Gaussians it changed little (docs/refine.md,
-        fourteenth session); it costs 20-40% more time.
+        fourteenth session). It costs time: 20-40% in the ninth session's runs, which
+        also fitted it in a second stage of ``fit_shape``; not measured since.
     psf_depth : let the PSF's widths change with depth (``fit_shape``'s ``psf_depth``;
         ignored when ``psf`` is given).
 

@@ -58,7 +58,7 @@ def run(name, data, truth, radius, vs, crlb_zyx, starts=("unet", "classical")):
                    track_s=round(t1 - t0, 1), refine_s=round(t2 - t1, 1),
                    compile_s=round(COMPILE["s"] - c0["s"], 1), compiles=COMPILE["n"] - c0["n"],
                    added=st.get("added"), removed=st.get("removed"), rounds=st.get("rounds"),
-                   fit_steps=st.get("steps"),
+                   fit_steps=st.get("steps"), fits=st.get("fits"),
                    seconds_by_phase={k: round(v, 1) for k, v in st.get("seconds_by_phase", {}).items()})
         print(json.dumps(row), flush=True)
 

@@ -93,6 +93,7 @@ def main(names, options=None, seed=0, save=None):
                    added=res.stats["added"], removed=res.stats["removed"], seconds=round(dt, 1),
                    seconds_by_phase=res.stats["seconds_by_phase"],
                    joint_fits=res.stats.get("joint_fits"), joint_steps=res.stats["steps"],
+                   fits=res.stats.get("fits"),
                    particles_per_second=round(len(f) / dt, 1))
         rows.append(row)
         if save is not None:

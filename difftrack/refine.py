@@ -111,7 +111,8 @@ class RefineResult:
     noise: the ``NoiseModel``.
     stats: dict with rounds, added, removed, steps (of all joint fits), joint_fits, final
         chi^2 per voxel, seconds,
-        seconds_by_phase (shape fit, joint fit, add, remove), gauge_shift (the common z
+        seconds_by_phase (shape fit, joint fit, add, remove), fits (every fit in order:
+        kind, L-BFGS steps, seconds with compiles), gauge_shift (the common z
         shift taken out at the end, voxels; absent when none was), gauge_radius (the gauge
         counts the starts this far from every face; the unit of voxel_size), ...
     """
@@ -498,8 +499,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         raise ValueError("positions is empty: refine needs at least one starting particle "
                          "(run a detector first)")
     try:
+        t_first = time.perf_counter()
         shape_model = fit_shape(image, pos0, voxel_size=vs, radius=radius, invert=invert,
                                 steps=shape_steps, psf=psf, psf_depth=psf_depth)
+        t_first = time.perf_counter() - t_first
     except BorderError as e:  # the same error, with advice that refine can take
         raise BorderError(e.n, e.border, "Give at least one starting position farther "
                           "inside the stack (the border follows from the radius and the PSF)") from None
@@ -571,7 +574,9 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     params, mask = grow(params, mask, cap)
     pair_cap = 1024
     stats = dict(rounds=0, added=0, removed=0, removed_overlap=0, removed_gain=0,
-                 removed_implausible=0, steps=0, joint_fits=0, penalty=penalty)
+                 removed_implausible=0, steps=0, joint_fits=0, penalty=penalty,
+                 # every fit in order: (kind, L-BFGS steps, seconds incl. compiles)
+                 fits=[("first shape fit", len(shape_model.history), round(t_first, 2))])
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -599,6 +604,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         """L-BFGS on positions, radii, amplitudes and background offset (PSF and
         illumination held) at whitened coordinates (``_whitened_loss``); stops when no
         parameter moved more than ``xtol`` of its standard deviation in 5 steps."""
+        t_fit = time.perf_counter()
         act = np.flatnonzero(mask > 0)
         M = np.broadcast_to(np.eye(5), (mask.size, 5, 5)).copy()  # empty slots
         if len(act):
@@ -624,6 +630,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         hist = [h / (0.5 * data_n.size) for h in hist]  # chi^2 per voxel, as the history keeps
         stats["steps"] += len(hist)
         stats["joint_fits"] += 1
+        stats["fits"].append(("joint fit", len(hist), round(time.perf_counter() - t_fit, 2)))
         pos, rad, amp, bg = _from_whitened(u, base, M, s_off)
         return _clamp(Params(Particles(pos, rad, amp), params.psf, bg), jnp.asarray(mask),
                       static, rbounds), hist
@@ -766,6 +773,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         """Radii, amplitudes, PSF and background offset with the centres held; ``revive``
         (the rounds' fits, not the first or the polish's): starved PSF components first
         put back (``_revive_components``)."""
+        t_fit = time.perf_counter()
         m, w = weights(params)
         if revive and not hold_psf:
             params = dataclasses.replace(params, psf=_revive_components(params.psf))
@@ -773,6 +781,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                                        steps=shape_steps, amplitude_mask=jnp.asarray(mask),
                                        hold_psf=hold_psf, hold_illum=True, radius_prior=kappa,
                                        grid_prior=GRID_PRIOR)
+        stats["fits"].append(("shape fit", len(hist), round(time.perf_counter() - t_fit, 2)))
         if verbose:
             print(f"shape fit: {len(hist)} steps, loss {hist[0]:.6g} -> {hist[-1]:.6g}")
         return _clamp(shape_p, jnp.asarray(mask), static, rbounds), hist

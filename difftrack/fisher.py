@@ -22,6 +22,8 @@ sigma is within about 10% (tests/test_fisher.py), where the own block alone is 1
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,11 +33,14 @@ from scipy.spatial import cKDTree
 from .render import Geometry, Params, illumination_field, kernel_on_grid, stack_region
 from .shape import voxel_ball
 
+@partial(jax.jit, static_argnames="geom")
 def unit_light(R, psf, geom: Geometry, offset=(0.0, 0.0, 0.0)):
     """Light of one unit-amplitude particle of radius R (PSF-blurred partial-volume sphere)
     on a small grid around it, and its derivatives in (z, y, x) voxels and R: (5, ...)
     columns dz, dy, dx, da (the light itself), dR. The grid is wrapped: the centre (plus
-    ``offset``) sits at index 0 (``np.fft.fftshift`` centres it)."""
+    ``offset``) sits at index 0 (``np.fft.fftshift`` centres it). Jitted: run eagerly,
+    each call traced its ~100 operations one by one (0.66 s a call, 4% of a refine of a
+    32x80x80 stack, where every joint fit and the uncertainties call it)."""
     h = tuple(p + k for p, k in zip(geom.patch_half, geom.kernel_half))
     vs = geom.voxel_size
     kernel = psf.kernel(vs, geom.kernel_half)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.fft
 
-from .shape import PSF, voxel_ball, voxel_ball_derivatives
+from .shape import PSF, voxel_ball, voxel_ball_derivatives, voxel_ball_radius_derivative
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,9 +177,11 @@ def _balls_plain(pos, radius, amplitude, geom):
 
 
 def _balls_fwd(pos, radius, amplitude, geom):
-    # symbolic zeros: where the centres are held (the shape fit), autodiff's gradient for
-    # the radii and amplitudes alone is cheaper than the written-out one (it drops the
-    # centres' terms); the residual's last entry says which (static: () or None)
+    # symbolic zeros: where the centres are held (the shape fit), the gradient is written
+    # out without the centres' terms (``_ball_grads_radius``); the residual's last entry
+    # says which (static: () or None). Autodiff's gradient there took 1.26 s against
+    # 0.80 s for the full written-out one (a shape-fit loss's value and gradient, 8,701
+    # particles on 108x180x180, dev-cpu; docs/refine.md, fifteenth session)
     out = _balls(pos.value, radius.value, amplitude.value, geom)
     return out, (pos.value, radius.value, amplitude.value, () if pos.perturbed else None)
 
@@ -196,11 +198,22 @@ def _ball_grads(geom, args):
     return g_pos, jnp.sum(ga * dR), jnp.sum(gi * F)
 
 
+def _ball_grads_radius(geom, args):
+    """``_ball_grads`` without the centre's terms (the centres held): (radius, amplitude)."""
+    p, R, a, gi = args
+    d = [x[0] for x in _patch_offsets(p[None], geom)[0]]
+    F, dR = voxel_ball_radius_derivative(*d, R, geom.voxel_size)
+    return a * jnp.sum(gi * dR), jnp.sum(gi * F)
+
+
 def _balls_bwd(geom, res, g):
     pos, radius, amplitude, with_pos = res
-    if with_pos is None:
-        _, vjp = jax.vjp(lambda r, a: _balls_plain(pos, r, a, geom), radius, amplitude)
-        return (jnp.zeros_like(pos), *vjp(g))
+    if with_pos is None:  # the centres held (the shape fit): their terms left out
+        one = partial(_ball_grads_radius, geom)
+        gR, ga = jax.lax.platform_dependent(
+            (pos, radius, amplitude, g), cpu=lambda xs: jax.lax.map(one, xs, batch_size=64),
+            default=lambda xs: jax.vmap(one)(xs))
+        return jnp.zeros_like(pos), gR, ga
     one = partial(_ball_grads, geom)
     # CPU: chunks of 64 particles (15 ms against 19 ms for 16 and 25 ms for 256, 16x40x40);
     # elsewhere every particle at once (a loop of chunks is a kernel launch per chunk)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.fft
 
-from .shape import PSF, voxel_ball, voxel_ball_derivatives, voxel_ball_radius_derivative
+from .shape import PSF, voxel_ball, voxel_ball_derivatives
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,11 +177,9 @@ def _balls_plain(pos, radius, amplitude, geom):
 
 
 def _balls_fwd(pos, radius, amplitude, geom):
-    # symbolic zeros: where the centres are held (the shape fit), the gradient is written
-    # out without the centres' terms (``_ball_grads_radius``); the residual's last entry
-    # says which (static: () or None). Autodiff's gradient there took 1.26 s against
-    # 0.80 s for the full written-out one (a shape-fit loss's value and gradient, 8,701
-    # particles on 108x180x180, dev-cpu; docs/refine.md, fifteenth session)
+    # symbolic zeros: where the centres are held (the shape fit), small layouts take
+    # autodiff's gradient for the radii and amplitudes alone (``_balls_bwd``); the
+    # residual's last entry says whether the centres are perturbed (static: () or None)
     out = _balls(pos.value, radius.value, amplitude.value, geom)
     return out, (pos.value, radius.value, amplitude.value, () if pos.perturbed else None)
 
@@ -198,22 +196,20 @@ def _ball_grads(geom, args):
     return g_pos, jnp.sum(ga * dR), jnp.sum(gi * F)
 
 
-def _ball_grads_radius(geom, args):
-    """``_ball_grads`` without the centre's terms (the centres held): (radius, amplitude)."""
-    p, R, a, gi = args
-    d = [x[0] for x in _patch_offsets(p[None], geom)[0]]
-    F, dR = voxel_ball_radius_derivative(*d, R, geom.voxel_size)
-    return a * jnp.sum(gi * dR), jnp.sum(gi * F)
+# Where the centres are held (the shape fit), autodiff's gradient for the radii and
+# amplitudes alone is faster while the patches are few (it drops every centre term), the
+# written-out one in cached chunks once they are many (autodiff's whole-patch intermediates
+# then stream through memory). A shape fit's loss + gradient on dev-cpu (medians; docs/
+# refine.md, fifteenth session): 451 particles (1.0 M patch voxels) 19.8 against 34.4 ms,
+# 1,758 (3.9 M) 128 against 147 ms, 8,701 (19 M) 1,197 against 776 ms (a GPU not measured).
+AUTODIFF_HELD_MAX_VOXELS = 8_000_000
 
 
 def _balls_bwd(geom, res, g):
     pos, radius, amplitude, with_pos = res
-    if with_pos is None:  # the centres held (the shape fit): their terms left out
-        one = partial(_ball_grads_radius, geom)
-        gR, ga = jax.lax.platform_dependent(
-            (pos, radius, amplitude, g), cpu=lambda xs: jax.lax.map(one, xs, batch_size=64),
-            default=lambda xs: jax.vmap(one)(xs))
-        return jnp.zeros_like(pos), gR, ga
+    if with_pos is None and g.size <= AUTODIFF_HELD_MAX_VOXELS:  # centres held, few patches
+        _, vjp = jax.vjp(lambda r, a: _balls_plain(pos, r, a, geom), radius, amplitude)
+        return (jnp.zeros_like(pos), *vjp(g))
     one = partial(_ball_grads, geom)
     # CPU: chunks of 64 particles (15 ms against 19 ms for 16 and 25 ms for 256, 16x40x40);
     # elsewhere every particle at once (a loop of chunks is a kernel launch per chunk)

@@ -122,23 +122,6 @@ def voxel_ball_derivatives(dz, dy, dx, R, voxel_size):
     return F, dR, dd
 
 
-def voxel_ball_radius_derivative(dz, dy, dx, R, voxel_size):
-    """``voxel_ball`` and its derivative in the radius alone: (value, d/dR), as
-    ``voxel_ball_derivatives`` gives them without the centre's terms (for fits that hold
-    the centres: on CPU a third cheaper than autodiff of ``voxel_ball``)."""
-    r, _, w, var_n, _ = _normal_box(dz, dy, dx, voxel_size)
-    s = R - var_n / R - r
-    c3 = 0.0
-    c2 = 0.0
-    for e0, e1, e2 in _SIGNS:
-        t = jnp.maximum(s + 0.5 * (e0 * w[0] + e1 * w[1] + e2 * w[2]), 0.0)
-        t2 = (e0 * e1 * e2) * t * t
-        c3 = c3 + t2 * t
-        c2 = c2 + t2
-    W6 = 6.0 * w[0] * w[1] * w[2]
-    return c3 / W6, 3.0 * c2 / W6 * (1.0 + var_n / (R * R))
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PSF:

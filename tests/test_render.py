@@ -237,11 +237,12 @@ def test_patch_sum_scatter_equals_the_loop():
     np.testing.assert_allclose(b, want, atol=1e-5)
 
 
-def test_ball_gradient_matches_autodiff():
+def test_ball_gradient_matches_autodiff(monkeypatch):
     """The ball's written-out gradient (CPU: chunks of particles; GPU: all at once) is
     autodiff's of ``voxel_ball``, centres on voxel centres, on patch edges and anywhere."""
     from functools import partial
 
+    from difftrack import render as render_module
     from difftrack.render import _ball_grads, _balls_plain, patch_values
 
     g = Geometry.make((10, 14, 14), (0.5, 0.2, 0.2), max_radius=1.0, psf_extent=(1.0, 0.4))
@@ -258,9 +259,15 @@ def test_ball_gradient_matches_autodiff():
 
     want = jax.jit(jax.grad(auto))(P)  # jitted: eagerly, every small operation compiles apart
     got = jax.jit(jax.grad(lambda p: jnp.sum(G * patch_values(p, g)[0])))(P)
-    # centres held (the shape fit): the radius-only written-out path
+    # centres held (the shape fit), few patches: autodiff's own path, the same to the bit
     held = lambda r, a: jnp.sum(G * patch_values(Particles(P.pos, r, a), g)[0])  # noqa: E731
-    got_held = jax.jit(jax.grad(held, (0, 1)))(P.radius, P.amplitude)
+    auto_held = lambda r, a: auto(Particles(P.pos, r, a))  # noqa: E731
+    for a, b in zip(jax.jit(jax.grad(held, (0, 1)))(P.radius, P.amplitude),
+                    jax.jit(jax.grad(auto_held, (0, 1)))(P.radius, P.amplitude)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # ... many patches: the written-out path (the limit lowered to take it here)
+    monkeypatch.setattr(render_module, "AUTODIFF_HELD_MAX_VOXELS", 0)
+    got_held = jax.jit(jax.grad(lambda r, a: held(r, a) + 0.0, (0, 1)))(P.radius, P.amplitude)
     every = jax.jit(jax.vmap(partial(_ball_grads, g)))((P.pos, P.radius, P.amplitude, G))
     # float32: the box spline's corner sums cancel, and autodiff's own gradient is off
     # float64's by up to 0.4% of an element here; the paths differ by < 0.04% of the largest
@@ -271,3 +278,6 @@ def test_ball_gradient_matches_autodiff():
             paths.append(np.asarray(got_held[k - 1]))
         for a in paths:
             np.testing.assert_allclose(a, w, rtol=0, atol=1e-3 * np.abs(w).max())
+    # and the large path is the one taken: not autodiff's bits
+    assert not all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in
+                   zip(got_held, jax.jit(jax.grad(auto_held, (0, 1)))(P.radius, P.amplitude)))

@@ -33,6 +33,7 @@ from scipy.spatial import cKDTree
 from .render import Geometry, Params, illumination_field, kernel_on_grid, stack_region
 from .shape import voxel_ball
 
+
 @partial(jax.jit, static_argnames="geom")
 def unit_light(R, psf, geom: Geometry, offset=(0.0, 0.0, 0.0)):
     """Light of one unit-amplitude particle of radius R (PSF-blurred partial-volume sphere)

@@ -585,12 +585,17 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
 
     seconds = {}  # wall time per phase of the loop, for stats
 
-    def timed(phase):
+    def timed(phase, fit=False):
+        """Add each call's wall time to ``seconds[phase]``; with ``fit`` (a function that
+        returns (params, history)), also log the call in ``stats["fits"]``."""
         def deco(fn):
             def run(*args, **kwargs):
                 t = time.perf_counter()
                 out = fn(*args, **kwargs)
-                seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t
+                dt = time.perf_counter() - t
+                seconds[phase] = seconds.get(phase, 0.0) + dt
+                if fit:
+                    stats["fits"].append((phase, len(out[1]), round(dt, 2)))
                 return out
             return run
         return deco
@@ -599,12 +604,11 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         m = np.asarray(render(_clamp(params, jnp.asarray(mask), static, rbounds), geom))
         return m, (1.0 / noise_n.variance(m)).astype(np.float32)
 
-    @timed("joint fit")
+    @timed("joint fit", fit=True)
     def joint_fit(params, w):
         """L-BFGS on positions, radii, amplitudes and background offset (PSF and
         illumination held) at whitened coordinates (``_whitened_loss``); stops when no
         parameter moved more than ``xtol`` of its standard deviation in 5 steps."""
-        t_fit = time.perf_counter()
         act = np.flatnonzero(mask > 0)
         M = np.broadcast_to(np.eye(5), (mask.size, 5, 5)).copy()  # empty slots
         if len(act):
@@ -630,7 +634,6 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         hist = [h / (0.5 * data_n.size) for h in hist]  # chi^2 per voxel, as the history keeps
         stats["steps"] += len(hist)
         stats["joint_fits"] += 1
-        stats["fits"].append(("joint fit", len(hist), round(time.perf_counter() - t_fit, 2)))
         pos, rad, amp, bg = _from_whitened(u, base, M, s_off)
         return _clamp(Params(Particles(pos, rad, amp), params.psf, bg), jnp.asarray(mask),
                       static, rbounds), hist
@@ -768,12 +771,11 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     params, n0, _, counts = remove_step(params, use_gain=False)
     if verbose:
         print(f"start: active {int(mask.sum())}, removed {n0} {counts}")
-    @timed("shape fit")
+    @timed("shape fit", fit=True)
     def shape_fit(params, revive=False):
         """Radii, amplitudes, PSF and background offset with the centres held; ``revive``
         (the rounds' fits, not the first or the polish's): starved PSF components first
         put back (``_revive_components``)."""
-        t_fit = time.perf_counter()
         m, w = weights(params)
         if revive and not hold_psf:
             params = dataclasses.replace(params, psf=_revive_components(params.psf))
@@ -781,7 +783,6 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                                        steps=shape_steps, amplitude_mask=jnp.asarray(mask),
                                        hold_psf=hold_psf, hold_illum=True, radius_prior=kappa,
                                        grid_prior=GRID_PRIOR)
-        stats["fits"].append(("shape fit", len(hist), round(time.perf_counter() - t_fit, 2)))
         if verbose:
             print(f"shape fit: {len(hist)} steps, loss {hist[0]:.6g} -> {hist[-1]:.6g}")
         return _clamp(shape_p, jnp.asarray(mask), static, rbounds), hist

@@ -197,6 +197,10 @@ def _whitened_loss(u, base, M, s_off, anchor, psf, data, w, mask, pairs, pair_ma
     return 0.5 * (chi2 + 1e4 * jnp.sum(mask * excess * excess))
 
 
+# refine's PSF kernel reaches this many stds of the learned PSF's strongest component
+# (PSF.core_half), at most as far as fit_shape's
+KERNEL_REACH = 7.0
+
 DEAD_WEIGHT = 0.01
 REVIVED_WEIGHT = 0.05
 
@@ -507,7 +511,15 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         raise BorderError(e.n, e.border, "Give at least one starting position farther "
                           "inside the stack (the border follows from the radius and the PSF)") from None
     hold_psf = psf is not None
+    # fit_shape learned the PSF on a kernel sized from its starting guess (its widest tail,
+    # PSF.init's 4x, to 3.5 stds: 14 stds of the guessed core); the fits below use a
+    # kernel sized from what it learned: KERNEL_REACH stds of the learned PSF's strongest
+    # component. A dense packing's far light is nearly uniform, which the background
+    # takes up; the shorter kernel makes every FFT of the fits, the removal's windows and
+    # the addition's maps smaller (docs/refine.md, sixteenth session)
     geom = shape_model.geometry
+    geom = geom.with_kernel(shape_model.params.psf.core_half(geom.voxel_size, geom.kernel_half,
+                                                             reach=KERNEL_REACH))
     vs_eff = geom.voxel_size
     centre, scale = _normalise(image)
     data_n = jnp.asarray((image.astype(np.float32) - np.float32(centre)) / np.float32(scale))

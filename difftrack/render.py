@@ -65,14 +65,17 @@ class Geometry:
         # the rounding of the patch centre.
         patch_half = tuple(int(math.ceil(max_radius / v + 1.5)) for v in vs)
         ext = (psf_extent[0], psf_extent[1], psf_extent[1])
-        kernel_half = tuple(max(1, int(math.ceil(e / v))) for e, v in zip(ext, vs))
-        canvas, margin = [], []
-        for s, k in zip(shape, kernel_half):
-            n = scipy.fft.next_fast_len(s + 2 * k, real=True)
-            canvas.append(n)
-            margin.append(k)
-        return Geometry(shape, vs, patch_half, kernel_half, tuple(canvas), tuple(margin),
-                        tuple(bg_degree), tuple(illum_degree))
+        kernel_half = tuple(int(math.ceil(e / v)) for e, v in zip(ext, vs))
+        return Geometry(shape, vs, patch_half, (), (), (), tuple(bg_degree),
+                        tuple(illum_degree)).with_kernel(kernel_half)
+
+    def with_kernel(self, kernel_half):
+        """This layout with PSF kernel half-widths ``kernel_half`` (z, y, x voxels, at least
+        1); the canvas and the stack's margin in it follow (FFT-friendly sizes)."""
+        kernel_half = tuple(max(1, int(k)) for k in kernel_half)
+        canvas = tuple(scipy.fft.next_fast_len(s + 2 * k, real=True)
+                       for s, k in zip(self.shape, kernel_half))
+        return dataclasses.replace(self, kernel_half=kernel_half, canvas=canvas, margin=kernel_half)
 
 
 @jax.tree_util.register_dataclass

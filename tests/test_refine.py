@@ -11,7 +11,9 @@ from scipy import ndimage
 from difftrack import fit_shape, simulate
 from difftrack.refine import (OUTSIDE_PENALTY, _ellipsoid, _gain_map, _penalty_at, _removal_gain,
                               estimate_noise, refine_positions)
+from difftrack.model import make_geometry
 from difftrack.render import Params, Particles, render
+from difftrack.shape import PSF
 
 
 def test_estimate_noise_recovers_a_poisson_like_model():
@@ -241,6 +243,16 @@ def test_refine_recovers_deleted_particles(sim):
     assert kinds[0] == "first shape fit" and kinds.count("joint fit") == res.stats["joint_fits"]
     assert sum(f[1] for f in res.stats["fits"] if f[0] == "joint fit") == res.stats["steps"]
     assert all(f[1] >= 1 and f[2] >= 0 for f in res.stats["fits"])
+    # the fits' kernel reaches KERNEL_REACH (7) stds of the learned core: past 5 stds of
+    # the true one, (0.25, 0.1, 0.1) um, and shorter than fit_shape's (3.5 stds of
+    # PSF.init's 4x tail of its starting guess) on every axis
+    g = res.model.geometry
+    reach = np.asarray(g.kernel_half) * np.asarray(g.voxel_size) / np.asarray([0.25, 0.1, 0.1])
+    assert np.all(reach >= 5), reach
+    # fit_shape's starting guess here: one lateral voxel, 2.5x that along z
+    first = make_geometry(sim.image.shape, sim.voxel_size, 0.4, PSF.init(0.1, 0.25))
+    assert all(a < b for a, b in zip(g.kernel_half, first.kernel_half)), (g.kernel_half, first.kernel_half)
+    assert g.margin == g.kernel_half
     assert {"z", "y", "x", "sigma_z", "sigma_y", "sigma_x", "amplitude", "radius", "quality",
             "z_um", "y_um", "x_um"} <= set(df.columns)
     from difftrack import score

@@ -281,3 +281,19 @@ def test_ball_gradient_matches_autodiff(monkeypatch):
     # and the large path is the one taken: not autodiff's bits
     assert not all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in
                    zip(got_held, jax.jit(jax.grad(auto_held, (0, 1)))(P.radius, P.amplitude)))
+
+
+def test_with_kernel_cuts_the_kernel_and_keeps_the_image():
+    """A kernel cut to 6 stds of a one-Gaussian PSF renders what one of 15 stds does (the
+    light beyond is below 1e-8); the canvas and margins follow the kernel."""
+    vs = (0.2, 0.1, 0.1)
+    psf = PSF.init(0.1, 0.25, n_components=1)
+    g = Geometry.make((12, 20, 20), vs, max_radius=0.5, psf_extent=(3.75, 1.5))
+    short = g.with_kernel((8, 6, 6))
+    assert g.kernel_half == (19, 15, 15) and short.kernel_half == short.margin == (8, 6, 6)
+    assert all(c >= s + 2 * k for c, s, k in zip(short.canvas, short.shape, short.kernel_half))
+    assert all(a < b for a, b in zip(short.canvas, g.canvas))
+    pos = jnp.asarray([[5.3, 9.6, 10.2], [2.0, 4.0, 15.5]], jnp.float32)
+    p = Params(Particles(pos, jnp.full((2,), 0.4), jnp.ones((2,))), psf, Background.constant(0.0, g))
+    full, cut = np.asarray(render(p, g)), np.asarray(render(p, short))
+    np.testing.assert_allclose(cut, full, atol=1e-4 * full.max())

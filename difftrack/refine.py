@@ -255,6 +255,15 @@ def _clamp(params: Params, mask, static, rbounds) -> Params:
                   params.psf, params.background)
 
 
+def _outside_reach(geom):
+    """Voxels (z, y, x) a centre may lie outside the stack: as far as its light can reach
+    it, the PSF kernel plus the patch (``rasterise`` cuts a patch that sticks out of the
+    canvas). Not the canvas margin alone: with the kernel cut to the learned core
+    (``KERNEL_REACH``) that can be shorter than a large particle's radius plus 3 PSF stds,
+    and a particle whose light still falls in would be pinned short of its place."""
+    return [int(k + h) for k, h in zip(geom.kernel_half, geom.patch_half)]
+
+
 def _pairs(pos, mask, reach, capacity):
     """Index pairs of active particles closer than ``reach`` (physical), padded to a
     capacity that grows in steps of 1024 (so the jitted step rarely recompiles)."""
@@ -551,7 +560,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
 
     rhi = min((h - 1.5) * v for h, v in zip(geom.patch_half, geom.voxel_size))
     rlo = 0.3 * R0  # as model._radius_bounds, so the shape and joint fits agree
-    out = list(geom.margin)  # centres may lie as far outside as the canvas reaches
+    out = _outside_reach(geom)
     plo = tuple(-0.5 - o for o in out)
     phi = tuple(s - 0.5 + o for s, o in zip(image.shape, out))
     static = (geom, (plo, phi), overlap)  # hashable: the jitted loss's static argument

@@ -198,8 +198,11 @@ def _whitened_loss(u, base, M, s_off, anchor, psf, data, w, mask, pairs, pair_ma
 
 
 # refine's PSF kernel reaches this many stds of the learned PSF's strongest component
-# (PSF.core_half), at most as far as fit_shape's
-KERNEL_REACH = 7.0
+# (PSF.core_half), at most as far as fit_shape's. 7 was 1.6x faster than fit_shape's on the
+# 4,558-particle speed stack but cost accuracy there (z 1.63 -> 1.78x the CRLB) and on
+# dev_small_dense (3-13%); 10 gave back 1.68 and better than before on dev_small_dense
+# (docs/refine.md, sixteenth session)
+KERNEL_REACH = 10.0
 
 DEAD_WEIGHT = 0.01
 REVIVED_WEIGHT = 0.05

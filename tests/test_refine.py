@@ -243,15 +243,16 @@ def test_refine_recovers_deleted_particles(sim):
     assert kinds[0] == "first shape fit" and kinds.count("joint fit") == res.stats["joint_fits"]
     assert sum(f[1] for f in res.stats["fits"] if f[0] == "joint fit") == res.stats["steps"]
     assert all(f[1] >= 1 and f[2] >= 0 for f in res.stats["fits"])
-    # the fits' kernel reaches KERNEL_REACH (7) stds of the learned core: past 5 stds of
-    # the true one, (0.25, 0.1, 0.1) um, and shorter than fit_shape's (3.5 stds of
-    # PSF.init's 4x tail of its starting guess) on every axis
+    # the fits' kernel reaches KERNEL_REACH stds of the learned core: past 5 stds of the
+    # true one, (0.25, 0.1, 0.1) um, never longer than fit_shape's (3.5 stds of PSF.init's
+    # 4x tail of its starting guess), and shorter laterally
     g = res.model.geometry
     reach = np.asarray(g.kernel_half) * np.asarray(g.voxel_size) / np.asarray([0.25, 0.1, 0.1])
     assert np.all(reach >= 5), reach
     # fit_shape's starting guess here: one lateral voxel, 2.5x that along z
     first = make_geometry(sim.image.shape, sim.voxel_size, 0.4, PSF.init(0.1, 0.25))
-    assert all(a < b for a, b in zip(g.kernel_half, first.kernel_half)), (g.kernel_half, first.kernel_half)
+    assert all(a <= b for a, b in zip(g.kernel_half, first.kernel_half)), (g.kernel_half, first.kernel_half)
+    assert g.kernel_half[1] < first.kernel_half[1] and g.kernel_half[2] < first.kernel_half[2]
     assert g.margin == g.kernel_half
     assert {"z", "y", "x", "sigma_z", "sigma_y", "sigma_x", "amplitude", "radius", "quality",
             "z_um", "y_um", "x_um"} <= set(df.columns)
@@ -437,7 +438,7 @@ def test_starved_psf_components_are_revived():
 def test_a_large_particle_may_lie_as_far_out_as_its_light_reaches():
     """With the kernel cut to KERNEL_REACH stds of a sharp PSF, a centre may still lie a
     radius plus 3 stds outside the stack (its light then just reaches in): R = 7 voxels,
-    lateral std 0.8 voxel, where the kernel alone reaches 6."""
+    lateral std 0.8 voxel, where the kernel alone reaches less."""
     psf = PSF.init(0.08, 0.2, n_components=1)
     geom = make_geometry((20, 40, 40), (0.1, 0.1, 0.1), 0.7, psf)
     geom = geom.with_kernel(psf.core_half(geom.voxel_size, geom.kernel_half, reach=KERNEL_REACH))

@@ -258,6 +258,12 @@ def _clamp(params: Params, mask, static, rbounds) -> Params:
                   params.psf, params.background)
 
 
+def _learned_kernel(geom, psf):
+    """``geom`` with its PSF kernel cut to ``KERNEL_REACH`` stds of ``psf``'s strongest
+    component (``PSF.core_half``), never longer than it was."""
+    return geom.with_kernel(psf.core_half(geom.voxel_size, geom.kernel_half, reach=KERNEL_REACH))
+
+
 def _outside_reach(geom):
     """Voxels (z, y, x) a centre may lie outside the stack: as far as its light can reach
     it, the PSF kernel plus the patch (``rasterise`` cuts a patch that sticks out of the
@@ -529,9 +535,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     # component. A dense packing's far light is nearly uniform, which the background
     # takes up; the shorter kernel makes every FFT of the fits, the removal's windows and
     # the addition's maps smaller (docs/refine.md, sixteenth session)
-    geom = shape_model.geometry
-    geom = geom.with_kernel(shape_model.params.psf.core_half(geom.voxel_size, geom.kernel_half,
-                                                             reach=KERNEL_REACH))
+    geom = _learned_kernel(shape_model.geometry, shape_model.params.psf)
     vs_eff = geom.voxel_size
     centre, scale = _normalise(image)
     data_n = jnp.asarray((image.astype(np.float32) - np.float32(centre)) / np.float32(scale))

@@ -9,9 +9,9 @@ import pytest
 from scipy import ndimage
 
 from difftrack import fit_shape, simulate
-from difftrack.refine import (KERNEL_REACH, OUTSIDE_PENALTY, _ellipsoid, _gain_map, _outside_reach,
-                              _penalty_at, _removal_gain, estimate_noise, refine_positions)
 from difftrack.model import make_geometry
+from difftrack.refine import (OUTSIDE_PENALTY, _ellipsoid, _gain_map, _learned_kernel, _outside_reach,
+                              _penalty_at, _removal_gain, estimate_noise, refine_positions)
 from difftrack.render import Params, Particles, render
 from difftrack.shape import PSF
 
@@ -440,7 +440,6 @@ def test_a_large_particle_may_lie_as_far_out_as_its_light_reaches():
     radius plus 3 stds outside the stack (its light then just reaches in): R = 7 voxels,
     lateral std 0.8 voxel, where the kernel alone reaches less."""
     psf = PSF.init(0.08, 0.2, n_components=1)
-    geom = make_geometry((20, 40, 40), (0.1, 0.1, 0.1), 0.7, psf)
-    geom = geom.with_kernel(psf.core_half(geom.voxel_size, geom.kernel_half, reach=KERNEL_REACH))
+    geom = _learned_kernel(make_geometry((20, 40, 40), (0.1, 0.1, 0.1), 0.7, psf), psf)
     assert geom.kernel_half[1] < 7 + 3 * 0.8  # the margin alone would pin it short
     assert np.all(np.asarray(_outside_reach(geom)) >= np.asarray([7 + 3 * 2.0, 7 + 3 * 0.8, 7 + 3 * 0.8]))

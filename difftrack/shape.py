@@ -235,10 +235,15 @@ class PSF:
         """Half-widths (z, y, x voxels) of the PSF's core: ``reach`` stds of its strongest
         component (plus that component's axial offset), at most ``kernel_half``. The
         free-form grid lives there: beyond it the light is too faint to define ~a parameter
-        per voxel."""
+        per voxel. With widths that change with depth (``has_depth``): the widths at the
+        face where that component is widest, so that no depth's core is cut."""
         k = int(np.argmax(np.asarray(self.weights)))
-        sz = float(np.exp(np.asarray(self.log_sigma_z)[k])) * reach + abs(float(np.asarray(self.z_offset)[k]))
-        sxy = float(np.exp(np.asarray(self.log_sigma_xy)[k])) * reach
+        lz, lxy = float(np.asarray(self.log_sigma_z)[k]), float(np.asarray(self.log_sigma_xy)[k])
+        if self.has_depth:  # log widths change by +-depth_log_sigma from the middle to the faces
+            lz += abs(float(np.asarray(self.depth_log_sigma_z)[k]))
+            lxy += abs(float(np.asarray(self.depth_log_sigma_xy)[k]))
+        sz = math.exp(lz) * reach + abs(float(np.asarray(self.z_offset)[k]))
+        sxy = math.exp(lxy) * reach
         return tuple(min(int(h), max(1, int(math.ceil(e / v))))
                      for h, e, v in zip(kernel_half, (sz, sxy, sxy), voxel_size))
 

@@ -244,3 +244,24 @@ def test_psf_depth_learns_a_psf_that_widens_with_depth():
         kt = np.asarray(true_psf.at_face(t).kernel(geo.voxel_size, geo.kernel_half))
         kd = np.asarray(depth.psf.at_face(t).kernel(geo.voxel_size, geo.kernel_half))
         assert np.abs(kd - kt).sum() < 0.2
+
+
+def test_psf_core_covers_the_widest_depth():
+    """``PSF.core_half`` (the grid's window, and refine's kernel at ``KERNEL_REACH``) of a
+    PSF whose widths change with depth covers the face where the core is widest."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from difftrack.shape import PSF
+
+    vs, kmax = (0.2, 0.1, 0.1), (60, 60, 60)
+    flat = PSF.init(0.1, 0.25).with_depth()
+    assert flat.core_half(vs, kmax, reach=10) == PSF.init(0.1, 0.25).core_half(vs, kmax, reach=10)
+    for sign in (1.0, -1.0):  # wider at the bottom or at the top
+        d = jnp.full_like(flat.log_sigma_xy, sign * 0.3)
+        deep = dataclasses.replace(flat, depth_log_sigma_xy=d, depth_log_sigma_z=d)
+        wide = deep.at_face(sign)  # the wider face's depth-free PSF
+        assert deep.core_half(vs, kmax, reach=10) == wide.core_half(vs, kmax, reach=10)
+        hz, hy, hx = deep.core_half(vs, kmax, reach=10)
+        assert (hz, hy) == (int(np.ceil(0.25 * np.exp(0.3) * 10 / 0.2)), int(np.ceil(np.exp(0.3) * 10)))

@@ -1,6 +1,6 @@
 """refine_positions on difftrack's own simulator: the table of issue 4.
 
-    python benchmarks/refine_sim.py [--quick]
+    python benchmarks/refine_sim.py [--quick] [--skip N]
 
 Grid: volume fraction 0.3 / 0.5 / 0.58, radius 2.5 / 4 / 7 px (lateral), z elongation of
 the PSF 1 / 2 / 3, isotropic voxels. Start: the truth jittered by
@@ -84,6 +84,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--corner", type=int, nargs="+", default=None,
                     help="only these corners of the --quick list (0, 1, 2)")
+    ap.add_argument("--skip", type=int, default=0,
+                    help="leave out the first N stacks of the grid (to finish a table that was cut off)")
     ap.add_argument("--options", type=json.loads, default=None,
                     help="JSON object of keyword arguments for refine_positions")
     args = ap.parse_args()
@@ -92,6 +94,7 @@ def main():
         grid = [(0.3, 2.5, 1.0), (0.5, 4.0, 2.0), (0.58, 7.0, 3.0)]
         if args.corner is not None:
             grid = [grid[k] for k in args.corner]
+    grid = grid[args.skip:]
     for phi, r, e in grid:
         # about 100-300 particles per stack: lateral size 7 diameters, depth 3
         n_xy = int(round(14 * r))

@@ -16,6 +16,7 @@ import itertools
 import json
 import time
 
+import jax
 import numpy as np
 
 from difftrack import match, score, simulate
@@ -100,6 +101,10 @@ def main():
         n_xy = int(round(14 * r))
         shape = (max(16, int(round(6 * r))), n_xy, n_xy)
         print(run(phi, r, e, shape, options=args.options), flush=True)
+        # every stack has its own layout, so its own compiled fits; in one long process
+        # they pile up until LLVM cannot map more code ("LLVM compilation error: Cannot
+        # allocate memory": the full table died so on its 19th stack, 2026-11-28)
+        jax.clear_caches()
 
 
 if __name__ == "__main__":

@@ -94,6 +94,9 @@ def main(names, options=None, seed=0, save=None):
                    seconds_by_phase=res.stats["seconds_by_phase"],
                    joint_fits=res.stats.get("joint_fits"), joint_steps=res.stats["steps"],
                    fits=res.stats.get("fits"),
+                   # the first round's shape fit: loss from the PSF as it was, from fresh
+                   # tails, and what the first still gained over its last 50 steps
+                   tail_restarts=[tuple(float(f"{v:.7g}") for v in t) for t in res.stats.get("tail_restarts", [])],
                    particles_per_second=round(len(f) / dt, 1))
         rows.append(row)
         if save is not None:

@@ -77,7 +77,9 @@ def run(phi, r_px, elong, shape, seed=0, options=None):
                 rmse_over_coupled_crlb=np.round(s.rmse / cc, 2).tolist(),
                 median_sigma_over_coupled_crlb=np.round(np.median(sig, axis=0) / cc, 2).tolist(),
                 mean_error_vox=np.round((f[i] - tt)[inner].mean(axis=0), 3).tolist(), calibration=np.round(cal, 2).tolist(),
-                seconds=round(dt, 1), particles_per_second=round(len(f) / dt, 1))
+                seconds=round(dt, 1), particles_per_second=round(len(f) / dt, 1),
+                # as benchmarks/refine_dev.py: the first round's shape fit from fresh tails
+                tail_restarts=[tuple(float(f"{v:.7g}") for v in t) for t in res.stats.get("tail_restarts", [])])
 
 
 def main():

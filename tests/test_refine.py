@@ -232,7 +232,12 @@ def test_refine_adds_nothing_to_pure_noise():
     assert np.all(np.isfinite(res.particles[["z", "y", "x"]].to_numpy()))
 
 
-def test_refine_recovers_deleted_particles(sim):
+def test_refine_recovers_deleted_particles(sim, monkeypatch):
+    # the experimental fresh-tails restart of the first round's shape fit (off by
+    # default) is switched on here, so that its path runs too
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("difftrack.refine"), "TAIL_RESTART", True)
     t = sim.truth[["z", "y", "x"]].to_numpy()
     t = t[np.all((t >= -0.5) & (t <= np.asarray(sim.image.shape) - 0.5), axis=1)]
     rng = np.random.default_rng(0)
@@ -249,6 +254,12 @@ def test_refine_recovers_deleted_particles(sim):
     assert kinds[0] == "first shape fit" and kinds.count("joint fit") == res.stats["joint_fits"]
     assert sum(f[1] for f in res.stats["fits"] if f[0] == "joint fit") == res.stats["steps"]
     assert all(f[1] >= 1 and f[2] >= 0 for f in res.stats["fits"])
+    # the first round's shape fit also ran from fresh tails (TAIL_RESTART) and kept the
+    # lower of the two final losses: that one continues the history (the third entry:
+    # what the fit from the PSF as it was still gained over its last steps)
+    (as_is, fresh, gained), = res.stats["tail_restarts"]
+    assert np.isfinite(as_is) and np.isfinite(fresh) and np.isfinite(gained)
+    assert np.isclose(np.asarray(res.model.history), min(as_is, fresh), rtol=1e-9, atol=0).any()
     # the fits' kernel reaches KERNEL_REACH stds of the learned core: past 5 stds of the
     # true one, (0.25, 0.1, 0.1) um, never longer than fit_shape's (3.5 stds of PSF.init's
     # 4x tail of its starting guess), and shorter laterally
@@ -439,6 +450,34 @@ def test_starved_psf_components_are_revived():
     np.testing.assert_allclose(d.depth_log_sigma_xy, [0.1, 0.1, 0.1], rtol=1e-6)
     np.testing.assert_allclose(d.depth_log_sigma_z, [0.2, 0.2, 0.2], rtol=1e-6)
     np.testing.assert_allclose(d.weights, p.weights, rtol=1e-6)
+
+
+def test_fresh_tails_keep_only_the_strongest_component():
+    """``_fresh_tails`` keeps the strongest component (widths, offset, depth change) and
+    puts every other one back as PSF.init's tails of it, weights 0.85 / 0.15 shared; a
+    one-component PSF is returned as it is."""
+    import dataclasses
+
+    from difftrack.refine import _fresh_tails
+    from difftrack.shape import PSF
+
+    # a jittered start's learned PSF: a starved tail far below, a thin sheet with 19%
+    basin = dataclasses.replace(PSF.init(0.1, 0.28), logit_weight=jnp.log(jnp.asarray([0.19, 0.793, 0.017])),
+                                log_sigma_xy=jnp.log(jnp.asarray([0.3, 0.12, 0.37])),
+                                log_sigma_z=jnp.log(jnp.asarray([0.08, 0.3, 0.5])),
+                                z_offset=jnp.asarray([-0.8, 0.05, -0.5]))
+    p = _fresh_tails(basin)
+    np.testing.assert_allclose(p.weights, [0.075, 0.85, 0.075], rtol=1e-5)
+    np.testing.assert_allclose(np.exp(p.log_sigma_xy), [0.24, 0.12, 0.48], rtol=1e-5)
+    np.testing.assert_allclose(np.exp(p.log_sigma_z), [0.6, 0.3, 1.2], rtol=1e-5)
+    np.testing.assert_allclose(p.z_offset, [0.05, 0.05, 0.05], rtol=1e-5)
+    deep = dataclasses.replace(basin.with_depth(), depth_log_sigma_xy=jnp.asarray([0.4, 0.1, -0.2]),
+                               depth_log_sigma_z=jnp.asarray([0.5, 0.2, 0.0]))
+    d = _fresh_tails(deep)
+    np.testing.assert_allclose(d.depth_log_sigma_xy, [0.1, 0.1, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(d.depth_log_sigma_z, [0.2, 0.2, 0.2], rtol=1e-6)
+    one = PSF.init(0.1, 0.28, n_components=1)
+    assert _fresh_tails(one) is one
 
 
 def test_a_large_particle_may_lie_as_far_out_as_its_light_reaches():

@@ -36,6 +36,13 @@ def degraded_start(truth, shape, rng):
     return np.clip(np.vstack([start, spurious]), -0.5, np.asarray(shape) - 0.5)
 
 
+def tail_restarts(stats):
+    """``stats["tail_restarts"]`` to 7 digits (empty with ``TAIL_RESTART`` off): the first
+    round's shape fit's loss from the PSF as it was, from fresh tails, and what the first
+    still gained over its last 50 steps."""
+    return [tuple(float(f"{v:.7g}") for v in t) for t in stats.get("tail_restarts", [])]
+
+
 def _diagnostics(f, t, crlb, shape, rad_vox):
     """Where the error sits (matched interior pairs ``f``, ``t``):
 
@@ -94,9 +101,7 @@ def main(names, options=None, seed=0, save=None):
                    seconds_by_phase=res.stats["seconds_by_phase"],
                    joint_fits=res.stats.get("joint_fits"), joint_steps=res.stats["steps"],
                    fits=res.stats.get("fits"),
-                   # the first round's shape fit: loss from the PSF as it was, from fresh
-                   # tails, and what the first still gained over its last 50 steps
-                   tail_restarts=[tuple(float(f"{v:.7g}") for v in t) for t in res.stats.get("tail_restarts", [])],
+                   tail_restarts=tail_restarts(res.stats),
                    particles_per_second=round(len(f) / dt, 1))
         rows.append(row)
         if save is not None:

@@ -23,7 +23,7 @@ from difftrack import match, score, simulate
 from difftrack.fisher import coupled_covariance, fisher_tables, interp_tables
 from difftrack.refine import refine_positions
 
-from refine_dev import degraded_start  # noqa: E402  (same start protocol)
+from refine_dev import degraded_start, tail_restarts  # noqa: E402  (same start protocol)
 
 
 def crlb(sim):
@@ -78,8 +78,7 @@ def run(phi, r_px, elong, shape, seed=0, options=None):
                 median_sigma_over_coupled_crlb=np.round(np.median(sig, axis=0) / cc, 2).tolist(),
                 mean_error_vox=np.round((f[i] - tt)[inner].mean(axis=0), 3).tolist(), calibration=np.round(cal, 2).tolist(),
                 seconds=round(dt, 1), particles_per_second=round(len(f) / dt, 1),
-                # as benchmarks/refine_dev.py: the first round's shape fit from fresh tails
-                tail_restarts=[tuple(float(f"{v:.7g}") for v in t) for t in res.stats.get("tail_restarts", [])])
+                tail_restarts=tail_restarts(res.stats))
 
 
 def main():

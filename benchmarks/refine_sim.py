@@ -1,6 +1,6 @@
 """refine_positions on difftrack's own simulator: the table of issue 4.
 
-    python benchmarks/refine_sim.py [--quick] [--skip N]
+    python benchmarks/refine_sim.py [--quick] [--corner K ...] [--skip N] [--seed N] [--options JSON]
 
 Grid: volume fraction 0.3 / 0.5 / 0.58, radius 2.5 / 4 / 7 px (lateral), z elongation of
 the PSF 1 / 2 / 3, isotropic voxels. Start: the truth jittered by
@@ -8,7 +8,8 @@ U(-0.5, 0.5) voxel, 10% deleted, 2% spurious (as benchmarks/refine_dev.py). The 
 bound is computed here from the true model: ``rmse_over_crlb`` with each particle's own
 block (neighbours ignored, as crlb.json does for the non-PERI dev stacks: optimistic in
 dense packings), ``rmse_over_coupled_crlb`` with its coupled neighbours free too
-(``fisher.coupled_covariance``). ``--quick`` runs the three corners only.
+(``fisher.coupled_covariance``). ``--quick`` runs the three corners only. ``--seed N``
+seeds both the simulated stack and the degraded start (default 0, every table's seed).
 """
 
 import argparse
@@ -90,6 +91,8 @@ def main():
                     help="leave out the first N stacks of the grid (to finish a table that was cut off)")
     ap.add_argument("--options", type=json.loads, default=None,
                     help="JSON object of keyword arguments for refine_positions")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the simulated stack and of the degraded start")
     args = ap.parse_args()
     grid = list(itertools.product([0.3, 0.5, 0.58], [2.5, 4.0, 7.0], [1.0, 2.0, 3.0]))
     if args.quick:
@@ -101,7 +104,7 @@ def main():
         # about 100-300 particles per stack: lateral size 7 diameters, depth 3
         n_xy = int(round(14 * r))
         shape = (max(16, int(round(6 * r))), n_xy, n_xy)
-        print(run(phi, r, e, shape, options=args.options), flush=True)
+        print(run(phi, r, e, shape, seed=args.seed, options=args.options), flush=True)
         # every stack has its own layout, so its own compiled fits; in one long process
         # they pile up until LLVM cannot map more code ("LLVM compilation error: Cannot
         # allocate memory": the full table died so on its 19th stack, 2026-11-28)

@@ -93,31 +93,28 @@ def _scales(params: Params, idx, w, geom, amplitude_floor):
     return D, np.sqrt(np.maximum(wc, 0.0)) * at_voxels(Lf, pos)  # a box mean can round below 0
 
 
-def _scaled(G, D, s, radius_prior, amplitude_prior=0.0):
-    """Unit blocks G (n or 1, 5, 5) scaled to particles (``_scales``), plus the priors."""
+def _scaled(G, D, s, radius_prior):
+    """Unit blocks G (n or 1, 5, 5) scaled to particles (``_scales``), plus the prior."""
     F = G * (D[:, :, None] * D[:, None, :]) * (s * s)[:, None, None]
     F[:, 4, 4] += radius_prior
-    F[:, 3, 3] += amplitude_prior
     return F
 
 
-def _own_scaled(params: Params, idx, D, s, geom, radius_prior, amplitude_prior=0.0):
+def _own_scaled(params: Params, idx, D, s, geom, radius_prior):
     R = np.asarray(params.particles.radius)[idx]
     radii_grid = np.unique(np.quantile(R, [0.0, 0.5, 1.0]))
     G = interp_tables(R, radii_grid, fisher_tables(radii_grid, params.psf, geom))
-    return _scaled(G, D, s, radius_prior, amplitude_prior)
+    return _scaled(G, D, s, radius_prior)
 
 
-def own_blocks(params: Params, idx, w, geom, amplitude_floor=0.0, radius_prior=0.0,
-               amplitude_prior=0.0):
+def own_blocks(params: Params, idx, w, geom, amplitude_floor=0.0, radius_prior=0.0):
     """Each particle's own Fisher block (5x5: z, y, x in voxels, amplitude, radius) for
     the particles ``idx``: the unit table at its radius times its amplitude, the
     illumination and the mean weight around it (neighbours ignored), plus the information
     ``radius_prior`` of the radius-spread prior (its curvature, chi^2 units) on the
-    radius, and ``amplitude_prior`` (the amplitudes' spread prior) on the amplitude.
-    Amplitudes are taken at least ``amplitude_floor`` in magnitude."""
+    radius. Amplitudes are taken at least ``amplitude_floor`` in magnitude."""
     D, s = _scales(params, idx, w, geom, amplitude_floor)
-    return _own_scaled(params, idx, D, s, geom, radius_prior, amplitude_prior)
+    return _own_scaled(params, idx, D, s, geom, radius_prior)
 
 
 def _invertible(F, seen):
@@ -152,7 +149,7 @@ def _cross_blocks(C, d):
 
 
 def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbours=12,
-                       min_coupling=0.02, batch=2048, stats=None, amplitude_prior=0.0):
+                       min_coupling=0.02, batch=2048, stats=None):
     """Each particle's 5x5 covariance (z, y, x voxels, amplitude, radius) with the
     parameters of its most strongly coupled neighbours free too.
 
@@ -165,7 +162,7 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
     of a stack with a 5% radius spread indefinite); the result is then rescaled, per
     parameter, by the ratio of the own-block variances at the particle's radius and at
     the median. The radius-spread prior's curvature ``radius_prior`` is added to each
-    radius, the amplitudes' ``amplitude_prior`` to each amplitude. A cluster whose matrix is still not positive definite falls back to i's own
+    radius. A cluster whose matrix is still not positive definite falls back to i's own
     block (counted in ``stats["fallbacks"]`` when a dict is given); a particle whose light
     falls only where ``w`` is 0 gets an infinite variance (with ``radius_prior`` > 0, a
     huge one: its radius alone is known). ``batch``: particles handled at a time (memory).
@@ -173,7 +170,7 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
     idx = np.asarray(idx)
     n = len(idx)
     D, s = _scales(params, idx, w, geom, 0.0)
-    F_own = _own_scaled(params, idx, D, s, geom, radius_prior, amplitude_prior)
+    F_own = _own_scaled(params, idx, D, s, geom, radius_prior)
     seen = np.trace(F_own, axis1=1, axis2=2) > 0  # weight 0 everywhere: no information
     cov_own = np.linalg.inv(_invertible(F_own, seen))
     cov_own[~seen] = np.diag(np.full(5, np.inf))
@@ -184,7 +181,7 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
     pos = np.asarray(params.particles.pos, np.float64)[idx]
     # own blocks from the same table (displacement 0), for a consistent cluster matrix
     c0 = (np.asarray(C.shape[2:]) - 1) // 2
-    F_med = _scaled(C[:, :, c0[0], c0[1], c0[2]][None], D, s, radius_prior, amplitude_prior)
+    F_med = _scaled(C[:, :, c0[0], c0[1], c0[2]][None], D, s, radius_prior)
     F_med = _invertible(F_med, seen & (np.trace(F_med, axis1=1, axis2=2) > 0))
     var_med = np.diagonal(np.linalg.inv(F_med), axis1=1, axis2=2)
     # per-parameter rescaling from the median radius to each particle's own

@@ -170,7 +170,7 @@ def _loss(free, pos, data, weight, amplitude_mask, bounds, *, static):
     ``bounds``: (lowest radius, highest radius, curvature of the radius-spread prior in
     the units of sum(weight r^2): ``radius_spread_penalty``, curvature of the prior on
     the PSF's free-form grid in the same units: ``grid_prior`` * sum(g^2), g the grid's
-    mirror average ``PSF.symmetric_grid``, curvature of the amplitudes' spread prior)."""
+    mirror average ``PSF.symmetric_grid``)."""
     geom, hold_psf, hold_illum = static
     lo, hi = bounds[0], bounds[1]  # traced: a new radius does not recompile the step
     radius, amplitude, psf, background = free
@@ -181,8 +181,7 @@ def _loss(free, pos, data, weight, amplitude_mask, bounds, *, static):
     R = jnp.clip(radius, lo, hi)
     params = Params(Particles(pos, R, amplitude * amplitude_mask), psf, background)
     r = data - render(params, geom)
-    spread = (radius_spread_penalty(R, amplitude_mask, bounds[2])
-              + radius_spread_penalty(amplitude, amplitude_mask, bounds[4]))
+    spread = radius_spread_penalty(R, amplitude_mask, bounds[2])
     if psf.log_grid is not None:
         spread = spread + bounds[3] * jnp.sum(psf.symmetric_grid() ** 2)
     prior = 1e-4 * jnp.sum(background.illum**2)
@@ -216,7 +215,7 @@ def border_weight(shape, border):
 
 def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, weight=None, steps=200,
                    tol=1e-7, progress=None, amplitude_mask=None, hold_psf=False,
-                   hold_illum=False, radius_prior=0.0, grid_prior=0.0, amplitude_prior=0.0):
+                   hold_illum=False, radius_prior=0.0, grid_prior=0.0):
     """L-BFGS on radii, amplitudes, PSF and background with positions held.
 
     ``data_n``: the normalised image (float32 jax array); ``weight``: per-voxel weight of
@@ -226,8 +225,7 @@ def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, weight=Non
     field as given; ``radius_prior``: curvature of the radius-spread prior
     (``radius_spread_penalty``) in the units of sum(weight r^2) (0: none); ``grid_prior``:
     curvature of the prior on the PSF's free-form grid (``PSF.log_grid``) in the same
-    units; ``amplitude_prior``: curvature of the same spread prior on the amplitudes
-    (``radius_spread_penalty`` of the amplitudes; 0: none); returns (params, history).
+    units; returns (params, history).
     """
     weight = jnp.ones(geom.shape, jnp.float32) if weight is None else jnp.asarray(weight)
     n = params.particles.amplitude.shape[0]
@@ -235,7 +233,7 @@ def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, weight=Non
     bounds = _radius_bounds(geom, radius)
     free = (params.particles.radius, params.particles.amplitude, params.psf, params.background)
     pos = params.particles.pos
-    bounds3 = jnp.asarray([*bounds, radius_prior, grid_prior, amplitude_prior], jnp.float32)
+    bounds3 = jnp.asarray([*bounds, radius_prior, grid_prior], jnp.float32)
     free, history = minimize(_loss, free, (pos, data_n, weight, amask, bounds3),
                              static=(geom, bool(hold_psf), bool(hold_illum)),
                              steps=steps, tol=tol, progress=progress, what="shape fit")

@@ -140,9 +140,8 @@ def _joint_loss(free, psf, data, w, mask, pairs, pair_mask, rbounds, *, static):
     """
     geom, (plo, phi), overlap = static
     # traced (static would recompile for every radius): lowest and highest radius, the
-    # curvature of the radius-spread prior (chi^2 units; model.radius_spread_penalty),
-    # (used by _whitened_loss only) the trust region's radius, and the curvature of the
-    # amplitudes' spread prior
+    # curvature of the radius-spread prior (chi^2 units; model.radius_spread_penalty) and
+    # (used by _whitened_loss only) the trust region's radius
     rlo, rhi = rbounds[0], rbounds[1]
     pos_free, radius, amplitude, background = free
     pos = jnp.clip(pos_free, jnp.asarray(plo), jnp.asarray(phi))
@@ -158,8 +157,7 @@ def _joint_loss(free, psf, data, w, mask, pairs, pair_mask, rbounds, *, static):
     d = jnp.sqrt(jnp.sum(((pos[i] - pos[j]) * vs) ** 2, axis=1) + 1e-12)
     ov = jnp.maximum(overlap * (R[i] + R[j]) - d, 0.0) / (0.5 * (R[i] + R[j]))
     pen = 1e4 * (jnp.sum(pair_mask * mask[i] * mask[j] * ov * ov) + jnp.sum(mask * wall))
-    spread = radius_spread_penalty(R, mask, rbounds[2]) + radius_spread_penalty(amplitude, mask, rbounds[4])
-    return (chi2 + pen + spread) / data.size
+    return (chi2 + pen + radius_spread_penalty(R, mask, rbounds[2])) / data.size
 
 
 def _from_whitened(u, base, M, s_off):
@@ -481,7 +479,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                      noise=None, polish=2, min_amplitude=0.4, polydispersity=0.1, add_passes=3,
                      max_move=1.0, gauge=True, neighbours=12, progress=False, verbose=False,
                      psf=None, psf_grid=True, psf_depth=False,
-                     outside_penalty=OUTSIDE_PENALTY, brightness_spread=None) -> RefineResult:
+                     outside_penalty=OUTSIDE_PENALTY) -> RefineResult:
     """Refine rough centres to the best positions the light allows, add the missed
     particles, remove the spurious ones, and give per-particle uncertainties.
 
@@ -514,9 +512,6 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         with the neighbours.
     add_passes : most passes of the addition per round; each looks at the residual with
         the particles of the passes before it in the model.
-    brightness_spread : std of the amplitudes relative to their median, as the same
-        Gaussian prior on each amplitude's distance from the common one; None: no prior.
-        It holds the amplitudes of particles whose light is mostly outside the stack.
     max_move : no centre moves farther than this many radii (the starting median) from
         where it entered the loop (its start, or where the addition put it): a soft wall
         in every joint fit. A particle the light would carry farther is another particle;
@@ -554,9 +549,6 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         raise ValueError(f"neighbours must be a whole number >= 0; got {neighbours}")
     if not (np.isfinite(outside_penalty) and 0 < outside_penalty <= 1):
         raise ValueError(f"outside_penalty must be a fraction in (0, 1]; got {outside_penalty}")
-    for name, v in (("polydispersity", polydispersity), ("brightness_spread", brightness_spread)):
-        if v is not None and not (np.isfinite(v) and v > 0):
-            raise ValueError(f"{name} must be a positive fraction or None; got {v}")
     if int(add_passes) != add_passes or add_passes < 1:
         raise ValueError(f"add_passes must be a whole number >= 1; got {add_passes}")
     if len(pos0) == 0:
@@ -616,9 +608,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     kappa = 0.0 if polydispersity is None else 1.0 / (float(polydispersity) * R0) ** 2
     reach_move = 1e6 * R0 if max_move is None else float(max_move) * R0
     # traced: no recompile per radius
-    a_med = float(np.median(np.abs(a0)))
-    kappa_a = 0.0 if brightness_spread is None else 1.0 / (float(brightness_spread) * a_med) ** 2
-    rbounds = jnp.asarray([rlo, rhi, kappa, reach_move, kappa_a], jnp.float32)
+    rbounds = jnp.asarray([rlo, rhi, kappa, reach_move], jnp.float32)
 
     # fixed-capacity buffer
     n = len(pos0)
@@ -685,8 +675,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         M = np.broadcast_to(np.eye(5), (mask.size, 5, 5)).copy()  # empty slots
         if len(act):
             med = float(np.median(np.abs(np.asarray(params.particles.amplitude)[act])))
-            F = own_blocks(params, act, w, geom, amplitude_floor=0.3 * med, radius_prior=kappa,
-                           amplitude_prior=kappa_a)
+            F = own_blocks(params, act, w, geom, amplitude_floor=0.3 * med, radius_prior=kappa)
             d = np.diagonal(F, axis1=1, axis2=2)
             F = F + np.eye(5)[None] * (1e-6 * d[:, None, :] + 1e-30)
             M[act] = np.swapaxes(np.linalg.inv(np.linalg.cholesky(F)), 1, 2)  # L^-T
@@ -858,7 +847,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             return fit_parameters(p, data_n, geom, radius=R0, weight=jnp.asarray(w),
                                   steps=shape_steps, amplitude_mask=jnp.asarray(mask),
                                   hold_psf=hold_psf, hold_illum=True, radius_prior=kappa,
-                                  grid_prior=GRID_PRIOR, amplitude_prior=kappa_a)
+                                  grid_prior=GRID_PRIOR)
 
         shape_p, hist = fit(params)
         if restart and not hold_psf:
@@ -965,7 +954,6 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     pos = np.asarray(params.particles.pos)[act]
     unc = {}
     cov = timed("uncertainties")(coupled_covariance)(params, act, w, geom, radius_prior=kappa,
-                                                     amplitude_prior=kappa_a,
                                                      neighbours=neighbours, stats=unc)
     stats["sigma_fallbacks"] = unc.get("fallbacks", 0)  # clusters left at the own block
     sig = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2)[:, :3], 0, None))

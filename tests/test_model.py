@@ -145,28 +145,6 @@ def test_radius_spread_prior_leaves_the_common_radius_free():
     assert g[1] > 0 > g[2]  # each radius is pulled towards the others
 
 
-def test_amplitude_prior_pulls_the_amplitudes_together(fitted):
-    import jax.numpy as jnp
-
-    from difftrack.model import _normalise, fit_parameters, to_normalised_units
-
-    model, image, _, _ = fitted
-    centre, scale = _normalise(image)
-    data_n = jnp.asarray((image - np.float32(centre)) / np.float32(scale))
-    p = to_normalised_units(model.params, centre, scale)
-    a0 = np.asarray(p.particles.amplitude)
-
-    def fit(prior):  # the same compiled step both times (the prior is traced)
-        out, _ = fit_parameters(p, data_n, model.geometry, radius=0.4, steps=15, hold_psf=True,
-                                amplitude_prior=prior)
-        return np.asarray(out.particles.amplitude)
-
-    free, held = fit(0.0), fit(1e7)
-    assert np.std(free) > 0.01 * abs(np.mean(a0))  # the light sets them apart (1.8%)
-    assert np.std(held) < 0.1 * np.std(free)  # a stiff prior holds them at their mean
-    assert abs(np.mean(held) - np.mean(free)) < 0.1 * abs(np.mean(free))  # not their mean
-
-
 def test_psf_grid_is_mirror_symmetric_and_moves_with_the_psf():
     import jax.numpy as jnp
 

@@ -293,10 +293,6 @@ def test_refine_bad_input():
     with pytest.raises(ValueError, match="max_move"):
         refine_positions(np.random.default_rng(0).normal(size=(6, 8, 8)), [[3.0, 4.0, 4.0]],
                          max_move=0.0)
-    for name in ("polydispersity", "brightness_spread"):
-        with pytest.raises(ValueError, match=name):
-            refine_positions(np.random.default_rng(0).normal(size=(6, 8, 8)), [[3.0, 4.0, 4.0]],
-                             **{name: -0.1})
     with pytest.raises(ValueError, match="add_passes"):
         refine_positions(np.random.default_rng(0).normal(size=(6, 8, 8)), [[3.0, 4.0, 4.0]],
                          add_passes=0)

@@ -262,7 +262,7 @@ def initial_params(data_n, pos, geom: Geometry, *, radius, sign, psf: PSF, weigh
 
 def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", steps=300,
               n_components=3, elongation=2.5, border="auto", progress=False, psf=None,
-              psf_grid=False, psf_depth=False) -> Model:
+              psf_grid=False, psf_depth=False, tail_weight=0.15) -> Model:
     """Learn the particle shape S, radii, amplitudes and background with positions held.
 
     Parameters
@@ -290,6 +290,10 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
         given.
     psf_depth : let the PSF's widths change linearly with depth (``PSF.with_depth``);
         ignored when ``psf`` is given.
+    tail_weight : the starting weight of the PSF's tails together, against 1 for its
+        core (``PSF.init``); ignored when ``psf`` is given. Below ~1% the tails are
+        starved (softmax: their gradient vanishes with their weight) and the fit learns
+        the core alone.
 
     Returns
     -------
@@ -322,7 +326,7 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
     else:
         sxy, sz = default_psf_sigmas(vs_eff, elongation)
         sxy = max(sxy, 0.2 * radius)
-        psf = PSF.init(sxy, elongation * sxy, n_components)
+        psf = PSF.init(sxy, elongation * sxy, n_components, tail_weight)
         if psf_depth:
             psf = psf.with_depth()
     geom = make_geometry(image.shape, vs_eff, radius, psf)

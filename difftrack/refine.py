@@ -259,6 +259,14 @@ def _fresh_tails(psf):
     return _as_tails(psf, rest, np.where(rest, 0.15 / (len(w) - 1), 0.85))
 
 
+# the tails' starting weight (together, against 1 for the core) in the first shape fit
+# (fit_shape's, from the rough starts): starved, so that it learns the core alone; the
+# first round's shape fit revives them (_revive_components, REVIVED_WEIGHT each) once the
+# missing particles are in the model. From fit_shape's usual 0.15 the rough centres'
+# errors went into the tails: on the simulator's (0.3, 2.5 px, 1) corner, seed 1, a tail
+# took 66% of the light and recall fell to 0.936 (docs/refine.md, twenty-first session)
+FIRST_TAIL_WEIGHT = 0.004
+
 # experimental, off: the first round's shape fit (the first with the missing particles
 # added) also runs from fresh tails (``_fresh_tails``) and keeps the lower final loss.
 # Where fresh tails won, by 0.007-0.25% of the loss, in 4 of 5 runs by less than the fit
@@ -557,7 +565,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     try:
         t_first = time.perf_counter()
         shape_model = fit_shape(image, pos0, voxel_size=vs, radius=radius, invert=invert,
-                                steps=shape_steps, psf=psf, psf_depth=psf_depth)
+                                steps=shape_steps, psf=psf, psf_depth=psf_depth,
+                                tail_weight=FIRST_TAIL_WEIGHT)
         t_first = time.perf_counter() - t_first
     except BorderError as e:  # the same error, with advice that refine can take
         raise BorderError(e.n, e.border, "Give at least one starting position farther "

@@ -158,12 +158,13 @@ class PSF:
     depth_log_sigma_z: jax.Array | None = None
 
     @staticmethod
-    def init(sigma_xy, sigma_z, n_components=3):
+    def init(sigma_xy, sigma_z, n_components=3, tail_weight=0.15):
         """A PSF whose first component has std (sigma_z, sigma_xy, sigma_xy) and whose
-        further components are wider tails of small weight (2x, 4x, ...)."""
+        further components are wider tails (2x, 4x, ...) sharing ``tail_weight`` of the
+        light (against 1 for the core, before normalising)."""
         k = np.arange(n_components)
         widen = 2.0 ** k
-        weights = np.where(k == 0, 1.0, 0.15 / max(n_components - 1, 1))
+        weights = np.where(k == 0, 1.0, tail_weight / max(n_components - 1, 1))
         weights = weights / weights.sum()
         return PSF(
             log_sigma_xy=jnp.asarray(np.log(sigma_xy * widen), jnp.float32),

@@ -262,7 +262,7 @@ def initial_params(data_n, pos, geom: Geometry, *, radius, sign, psf: PSF, weigh
 
 def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", steps=300,
               n_components=3, elongation=2.5, border="auto", progress=False, psf=None,
-              psf_grid=False, psf_depth=False, tail_weight=0.15) -> Model:
+              psf_grid=False, psf_depth=False, tail_weight=None) -> Model:
     """Learn the particle shape S, radii, amplitudes and background with positions held.
 
     Parameters
@@ -291,9 +291,9 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
     psf_depth : let the PSF's widths change linearly with depth (``PSF.with_depth``);
         ignored when ``psf`` is given.
     tail_weight : the starting weight of the PSF's tails together, against 1 for its
-        core (``PSF.init``); ignored when ``psf`` is given. Below ~1% the tails are
-        starved (softmax: their gradient vanishes with their weight) and the fit learns
-        the core alone.
+        core (``PSF.init``; None: ``shape.TAIL_WEIGHT``, 0.15); ignored when ``psf`` is
+        given. Below ~1% the tails are starved (softmax: their gradient vanishes
+        with their weight) and the fit learns the core alone.
 
     Returns
     -------

@@ -122,6 +122,10 @@ def voxel_ball_derivatives(dz, dy, dx, R, voxel_size):
     return F, dR, dd
 
 
+# PSF.init's tails, together, against 1 for the core
+TAIL_WEIGHT = 0.15
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PSF:
@@ -158,10 +162,11 @@ class PSF:
     depth_log_sigma_z: jax.Array | None = None
 
     @staticmethod
-    def init(sigma_xy, sigma_z, n_components=3, tail_weight=0.15):
+    def init(sigma_xy, sigma_z, n_components=3, tail_weight=None):
         """A PSF whose first component has std (sigma_z, sigma_xy, sigma_xy) and whose
         further components are wider tails (2x, 4x, ...) sharing ``tail_weight`` of the
         light (against 1 for the core, before normalising)."""
+        tail_weight = TAIL_WEIGHT if tail_weight is None else tail_weight
         k = np.arange(n_components)
         widen = 2.0 ** k
         weights = np.where(k == 0, 1.0, tail_weight / max(n_components - 1, 1))

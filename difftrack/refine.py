@@ -267,6 +267,16 @@ def _fresh_tails(psf):
 # took 66% of the light and recall fell to 0.936 (docs/refine.md, twenty-first session)
 FIRST_TAIL_WEIGHT = 0.004
 
+# split moves (from the second round on): a residual peak too close to a fitted particle
+# to be added beside it is a sign of two particles merged into one (z neighbours under an
+# elongated PSF); the particle is replaced by two touching ones along the line to the peak,
+# and the pair is kept only if, after the round's fits, the chi^2 in a box around it fell
+# by more than the penalty (else the particle is put back and not split again)
+SPLIT_MOVES = True
+# robust standard deviations above the median quality from which a particle at least as
+# large as the median is proposed for a split along z
+SPLIT_QUALITY = 2.0
+
 # experimental, off: the first round's shape fit (the first with the missing particles
 # added) also runs from fresh tails (``_fresh_tails``) and keeps the lower final loss.
 # Where fresh tails won, by 0.007-0.25% of the loss, in 4 of 5 runs by less than the fit
@@ -643,8 +653,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
 
     mask = np.ones(n, np.float32)
     params, mask = grow(params, mask, cap)
+    splits = []  # this round's split moves, judged after its joint fit (judge_splits)
+    no_split = set()  # slots whose split did not pay: not split again
     pair_cap = 1024
-    stats = dict(rounds=0, added=0, removed=0, removed_overlap=0, removed_gain=0,
+    stats = dict(rounds=0, added=0, removed=0, splits_tried=0, splits_kept=0, removed_overlap=0, removed_gain=0,
                  removed_implausible=0, steps=0, joint_fits=0, penalty=penalty,
                  # every fit in order: (kind, L-BFGS steps, seconds incl. compiles)
                  fits=[("first shape fit", len(shape_model.history), round(t_first, 2))])
@@ -772,7 +784,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         return params, int(drop.sum()), med_a, counts
 
     @timed("add")
-    def add_step(params, med_a):
+    def add_step(params, med_a, split=False):
         """Add particles at the peaks of the residual's gain map, then look again with
         the added ones in the model (their light taken out of the residual), up to
         ``add_passes`` times: two missing neighbours whose light merges into one peak
@@ -780,14 +792,15 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         position fit can slide a neighbour into the hole left. Returns (params, added)."""
         added = 0
         for _ in range(add_passes):
-            params, n_new = add_pass(params, med_a)
+            params, n_new = add_pass(params, med_a, split)
             added += n_new
             if n_new == 0:
                 break
         return params, added
 
-    def add_pass(params, med_a):
-        """One pass of ``add_step``: candidates at the gain map's peaks."""
+    def add_pass(params, med_a, split=False):
+        """One pass of ``add_step``: candidates at the gain map's peaks; with ``split``,
+        candidates too close to a particle split it (``split_moves``)."""
         nonlocal mask
         m, w = weights(params)
         r = np.asarray(data_n) - m
@@ -804,7 +817,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         g_c, amp_c = gmap[tuple(cand.T)], amap[tuple(cand.T)]
         cand = cand - np.asarray(reach, np.float64)  # extended grid -> stack voxels
         pays = g_c > penalty_at(cand)  # the full penalty inside the stack
-        cand, amp_c = cand[pays], amp_c[pays]
+        cand, amp_c, g_c = cand[pays], amp_c[pays], g_c[pays]
         if len(cand) == 0:
             return params, 0
         if act.any():
@@ -813,13 +826,18 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         else:
             d = np.full(len(cand), np.inf)
         far = d > overlap * 2.0 * Rm  # closer would be removed as an overlap
+        n_split = 0
+        if split and act.any():
+            jj, dirs = split_proposals(params, cand[~far], g_c[~far], tree, np.flatnonzero(act),
+                                       w * r * r, Rm)
+            params, n_split = split_moves(params, jj, dirs, np.flatnonzero(act), cand[far], Rm)
         cand, amp_c = cand[far], amp_c[far]
         Lf = np.asarray(stack_region(illumination_field(params.background, geom), geom))
         amp0 = amp_c / np.maximum(at_voxels(Lf, cand), 1e-3)
         ok = np.abs(amp0) >= min_amplitude * med_a  # as bright as a particle can be
         cand, amp0 = cand[ok], amp0[ok]
         if len(cand) == 0:
-            return params, 0
+            return params, n_split
         free_slots = np.flatnonzero(mask == 0)
         if len(free_slots) < len(cand):
             params, mask = grow(params, mask, int(math.ceil((mask.size + len(cand)) * 1.25 / 256) * 256))
@@ -834,7 +852,144 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         stats["added"] += len(slots)
         anchor[slots] = cand
         from_start[slots] = False
-        return params, len(slots)
+        return params, len(slots) + n_split
+
+    def free_slot(params):
+        nonlocal mask
+        free = np.flatnonzero(mask == 0)
+        if len(free) == 0:
+            params, mask = grow(params, mask, int(math.ceil((mask.size + 1) * 1.25 / 256) * 256))
+            free = np.flatnonzero(mask == 0)
+        return params, int(free[0])
+
+    def split_box(p, Rm):
+        h = np.ceil(2.0 * Rm / np.asarray(vs_eff)) + 2
+        lo = np.clip(np.floor(p - h), 0, None).astype(int)
+        hi = np.minimum(np.ceil(p + h).astype(int) + 1, image.shape)
+        return tuple(slice(a, b) for a, b in zip(lo, hi))
+
+    def split_proposals(params, close, g_close, tree, act_idx, z2, Rm):
+        """Particles that may be two merged into one, strongest sign first, with the line
+        to split them along (physical units): (a) those with a residual peak whose gain
+        pays the penalty too close to them to be added beside it (0.4 to ``overlap`` x 2
+        radii away), along the line to the peak; (b) those whose light is not explained
+        (quality more than ``SPLIT_QUALITY`` robust stds above the median) and whose
+        radius is at least the median, along z, where the PSF is longest and neighbours
+        merge (two touching particles a radius above and below, the dark PERI stack's
+        miss). Returns (slots, directions)."""
+        v = np.asarray(vs_eff)
+        pos = np.asarray(params.particles.pos)
+        out_j, out_u = [], []
+        if len(close):
+            d, k = tree.query(close * v)
+            for i in np.argsort(-g_close):
+                if d[i] >= 0.4 * Rm:
+                    out_j.append(int(act_idx[k[i]]))
+                    out_u.append((close[i] - pos[act_idx[k[i]]]) * v)
+        q = _quality(params, z2, geom)[act_idx]
+        med = np.median(q)
+        spread = 1.4826 * np.median(np.abs(q - med))
+        rad = np.asarray(params.particles.radius)[act_idx]
+        sel = np.flatnonzero((q > med + SPLIT_QUALITY * spread) & (rad >= np.median(rad)))
+        for i in sel[np.argsort(-q[sel])]:
+            out_j.append(int(act_idx[i]))
+            out_u.append(np.asarray([1.0, 0.0, 0.0]))
+        return out_j, out_u
+
+    def split_moves(params, jj, dirs, act_idx, new, Rm):
+        """Split moves: each proposed particle (``split_proposals``) is replaced by two
+        touching particles (radius Rm, the median amplitude each) a radius either side of
+        it along its line. One split per particle and per box, none in a box where an
+        addition is made, none of a particle whose split did not pay before. The round's
+        fits then place them; ``judge_splits`` keeps the pair only if it pays. Returns
+        (params, splits made)."""
+        nonlocal mask
+        v = np.asarray(vs_eff)
+        pos = np.asarray(params.particles.pos)
+        a = np.asarray(params.particles.amplitude)
+        busy = {s["j"] for s in splits} | {s["k"] for s in splits} | no_split
+        centres = [s["old"][0] for s in splits]
+        made = 0
+
+        def in_box(pts, box):
+            pts = np.asarray(pts).reshape(-1, 3)
+            return len(pts) and np.any(np.all([(pts[:, ax] >= box[ax].start) & (pts[:, ax] < box[ax].stop)
+                                               for ax in range(3)], axis=0))
+
+        for j, u in zip(jj, dirs):
+            if j in busy or not _interior(pos[j][None], np.asarray(image.shape), 0.0)[0]:
+                continue
+            box = split_box(pos[j], Rm)
+            if in_box(new, box) or in_box(centres, box):
+                continue  # another change in the same box would count towards the split's gain
+            busy.add(j)
+            step = Rm * u / np.linalg.norm(u) / v  # voxels
+            params, slot = free_slot(params)
+            busy.add(slot)
+            old = (pos[j].copy(), float(params.particles.radius[j]), float(a[j]), anchor[j].copy())
+            centres.append(old[0])
+            pj, pk = (np.clip(pos[j] + s * step, plo, phi) for s in (-1.0, 1.0))
+            p = params.particles
+            amp = np.sign(a[j]) * float(np.median(np.abs(a[act_idx])))
+            params = Params(Particles(p.pos.at[j].set(jnp.asarray(pj, jnp.float32))
+                                      .at[slot].set(jnp.asarray(pk, jnp.float32)),
+                                      p.radius.at[j].set(Rm).at[slot].set(Rm),
+                                      p.amplitude.at[j].set(amp).at[slot].set(amp)),
+                            params.psf, params.background)
+            mask[slot] = 1.0
+            anchor[j], anchor[slot] = pj, pk
+            from_start[slot] = False
+            splits.append(dict(j=j, k=slot, old=old, box=box))
+            stats["splits_tried"] += 1
+            made += 1
+        return params, made
+
+    def judge_splits(params):
+        """Judge this round's splits, fairly: the state without them (each split particle
+        put back as it was, its partner gone) gets the same joint fit as the state with
+        them had, and a split is kept only if the chi^2 in a box around it is lower with
+        it by more than the penalty (the addition's model-selection rule). A particle whose
+        split did not pay is never split again."""
+        nonlocal mask
+        if not splits:
+            return params
+        act_split = mask.copy()
+        m, w = weights(params)
+        z2_split = w * (np.asarray(data_n) - m) ** 2
+        p = params.particles
+        pos, rad, amp = p.pos, p.radius, p.amplitude
+        anchor_split = anchor.copy()
+        for s in splits:
+            pj, rj, aj, anc = s["old"]
+            pos = pos.at[s["j"]].set(jnp.asarray(pj, jnp.float32))
+            rad, amp = rad.at[s["j"]].set(rj), amp.at[s["j"]].set(aj).at[s["k"]].set(0.0)
+            anchor[s["j"]] = anc
+            mask[s["j"]], mask[s["k"]] = 1.0, 0.0
+        rev = Params(Particles(pos, rad, amp), params.psf, params.background)
+        rev, hist = joint_fit(rev, weights(rev)[1])
+        m, w = weights(rev)
+        z2_rev = w * (np.asarray(data_n) - m) ** 2
+        pays = [act_split[s["j"]] > 0 and act_split[s["k"]] > 0
+                and float(np.sum(z2_rev[s["box"]]) - np.sum(z2_split[s["box"]]))
+                > penalty_at(s["old"][0][None])[0] for s in splits]
+        for s, ok in zip(splits, pays):  # where, the box's chi^2 gain, kept
+            stats.setdefault("split_log", []).append(
+                (*np.round(s["old"][0], 2).tolist(),
+                 round(float(np.sum(z2_rev[s["box"]]) - np.sum(z2_split[s["box"]])), 1), bool(ok)))
+        keep = [s for s, ok in zip(splits, pays) if ok]
+        stats["splits_kept"] += len(keep)
+        no_split.update(s["j"] for s, ok in zip(splits, pays) if not ok)
+        splits.clear()
+        if not keep:
+            return rev
+        # the fitted state without the splits, with the kept pairs as the fit with them left them
+        idx = jnp.asarray([i for s in keep for i in (s["j"], s["k"])])
+        for i in np.asarray(idx):
+            mask[i] = 1.0
+            anchor[i] = anchor_split[i]
+        q, p = rev.particles, params.particles
+        return Params(Particles(q.pos.at[idx].set(p.pos[idx]), q.radius.at[idx].set(p.radius[idx]),
+                                q.amplitude.at[idx].set(p.amplitude[idx])), rev.psf, rev.background)
 
     history = []
     # spurious starts that sit on a particle: remove before they push it away (gains mean
@@ -882,7 +1037,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         act = mask > 0
         med_a = float(np.median(np.abs(np.asarray(params.particles.amplitude)[act]))) if act.any() \
             else float(np.median(np.abs(a0)))
-        params, added = add_step(params, med_a)
+        params, added = add_step(params, med_a, split=SPLIT_MOVES and rnd > 0)
         # relearn the shape (centres held) before the position fit, every round: the shape
         # learned from rough starts is blurred by their errors, and before the addition it
         # took the light of the missing particles into its tail; fitting positions with it
@@ -893,6 +1048,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         m, w = weights(params)
         params, hist = joint_fit(params, w)
         history += hist
+        params = judge_splits(params)
         stats["rounds"] = rnd + 1
         if bar is not None:
             bar.update(1)

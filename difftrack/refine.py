@@ -830,7 +830,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         if split and act.any():
             jj, dirs = split_proposals(params, cand[~far], g_c[~far], tree, np.flatnonzero(act),
                                        w * r * r, Rm)
-            params, n_split = split_moves(params, jj, dirs, np.flatnonzero(act), cand[far], Rm)
+            params, n_split, boxes = split_moves(params, jj, dirs, np.flatnonzero(act), Rm)
+            for box in boxes:
+                far &= ~np.all([(cand[:, ax] >= box[ax].start) & (cand[:, ax] < box[ax].stop)
+                                for ax in range(3)], axis=0)
         cand, amp_c = cand[far], amp_c[far]
         Lf = np.asarray(stack_region(illumination_field(params.background, geom), geom))
         amp0 = amp_c / np.maximum(at_voxels(Lf, cand), 1e-3)
@@ -896,13 +899,14 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             out_u.append(np.asarray([1.0, 0.0, 0.0]))
         return out_j, out_u
 
-    def split_moves(params, jj, dirs, act_idx, new, Rm):
+    def split_moves(params, jj, dirs, act_idx, Rm):
         """Split moves: each proposed particle (``split_proposals``) is replaced by two
         touching particles (radius Rm, the median amplitude each) a radius either side of
-        it along its line. One split per particle and per box, none in a box where an
-        addition is made, none of a particle whose split did not pay before. The round's
-        fits then place them; ``judge_splits`` keeps the pair only if it pays. Returns
-        (params, splits made)."""
+        it along its line. One split per particle and per box, none of a particle whose
+        split did not pay before. The round's fits then place them; ``judge_splits`` keeps
+        the pair only if it pays. Returns (params, splits made, their boxes): the addition
+        leaves the boxes alone this time (a candidate there would count towards the
+        split's gain; it is often one of the two the split puts in)."""
         nonlocal mask
         v = np.asarray(vs_eff)
         pos = np.asarray(params.particles.pos)
@@ -920,8 +924,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             if j in busy or not _interior(pos[j][None], np.asarray(image.shape), 0.0)[0]:
                 continue
             box = split_box(pos[j], Rm)
-            if in_box(new, box) or in_box(centres, box):
-                continue  # another change in the same box would count towards the split's gain
+            if in_box(centres, box):
+                continue  # another split in the same box would count towards this one's gain
             busy.add(j)
             step = Rm * u / np.linalg.norm(u) / v  # voxels
             params, slot = free_slot(params)
@@ -942,7 +946,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             splits.append(dict(j=j, k=slot, old=old, box=box))
             stats["splits_tried"] += 1
             made += 1
-        return params, made
+        return params, made, [s["box"] for s in splits]
 
     def judge_splits(params):
         """Judge this round's splits, fairly: the state without them (each split particle
@@ -1060,8 +1064,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                   f"{counts}, steps {len(hist)}")
         if not mask.any():  # nothing in the stack pays for itself: no particle at all
             break
-        if added == 0 and n_removed == 0:
-            break
+        if added == 0 and n_removed == 0 and (rnd > 0 or not SPLIT_MOVES):
+            break  # (the split moves need a round after the first joint fit)
     if bar is not None:
         bar.close()
 

@@ -903,7 +903,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         """Split moves: each proposed particle (``split_proposals``) is replaced by two
         touching particles (radius Rm, the median amplitude each) a radius either side of
         it along its line. One split per particle and per box, none of a particle whose
-        split did not pay before. The round's fits then place them; ``judge_splits`` keeps
+        split did not pay before, none less than a radius from a face (there the light of
+        the particles beyond it, poorly fitted, paid for false splits on a tiny test stack). The round's fits then place them; ``judge_splits`` keeps
         the pair only if it pays. Returns (params, splits made, their boxes): the addition
         leaves the boxes alone this time (a candidate there would count towards the
         split's gain; it is often one of the two the split puts in)."""
@@ -921,8 +922,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                                                for ax in range(3)], axis=0))
 
         for j, u in zip(jj, dirs):
-            if j in busy or not _interior(pos[j][None], np.asarray(image.shape), 0.0)[0]:
-                continue
+            if j in busy or not _interior(pos[j][None], np.asarray(image.shape), Rm / v)[0]:
+                continue  # near a face, light from beyond it can pay for a false split
             box = split_box(pos[j], Rm)
             if in_box(centres, box):
                 continue  # another split in the same box would count towards this one's gain

@@ -115,7 +115,9 @@ class RefineResult:
         seconds_by_phase (shape fit, joint fit, add, remove), fits (every fit in order:
         kind, L-BFGS steps, seconds with compiles), gauge_shift (the common z
         shift taken out at the end, voxels; absent when none was), gauge_radius (the gauge
-        counts the starts this far from every face; the unit of voxel_size), ...
+        counts the starts this far from every face; the unit of voxel_size), splits_tried
+        and splits_kept (split moves, ``SPLIT_MOVES``), split_log (each judged split:
+        z, y, x of the particle split, the chi^2 it gained in its box, kept), ...
     """
 
     particles: pd.DataFrame
@@ -267,11 +269,12 @@ def _fresh_tails(psf):
 # took 66% of the light and recall fell to 0.936 (docs/refine.md, twenty-first session)
 FIRST_TAIL_WEIGHT = 0.004
 
-# split moves (from the second round on): a residual peak too close to a fitted particle
-# to be added beside it is a sign of two particles merged into one (z neighbours under an
-# elongated PSF); the particle is replaced by two touching ones along the line to the peak,
-# and the pair is kept only if, after the round's fits, the chi^2 in a box around it fell
-# by more than the penalty (else the particle is put back and not split again)
+# split moves (from the second round on): a particle that may be two merged into one (z
+# neighbours under an elongated PSF: a residual peak too close to it for the addition, or
+# light it does not explain) is replaced by two touching ones, and the pair is kept only if
+# the chi^2 in a box around it is lower than that of the same fit without the split by
+# more than the penalty (else the particle is put back and not split again).
+# docs/refine.md, twenty-third session
 SPLIT_MOVES = True
 # robust standard deviations above the median quality from which a particle at least as
 # large as the median is proposed for a split along z
@@ -656,8 +659,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     splits = []  # this round's split moves, judged after its joint fit (judge_splits)
     no_split = set()  # slots whose split did not pay: not split again
     pair_cap = 1024
-    stats = dict(rounds=0, added=0, removed=0, splits_tried=0, splits_kept=0, removed_overlap=0, removed_gain=0,
-                 removed_implausible=0, steps=0, joint_fits=0, penalty=penalty,
+    stats = dict(rounds=0, added=0, removed=0, removed_overlap=0, removed_gain=0,
+                 removed_implausible=0, splits_tried=0, splits_kept=0, steps=0, joint_fits=0, penalty=penalty,
                  # every fit in order: (kind, L-BFGS steps, seconds incl. compiles)
                  fits=[("first shape fit", len(shape_model.history), round(t_first, 2))])
     bar = None
@@ -818,27 +821,27 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         cand = cand - np.asarray(reach, np.float64)  # extended grid -> stack voxels
         pays = g_c > penalty_at(cand)  # the full penalty inside the stack
         cand, amp_c, g_c = cand[pays], amp_c[pays], g_c[pays]
-        if len(cand) == 0:
+        if len(cand) == 0 and not (split and act.any()):  # (splits also come from quality)
             return params, 0
+        d = np.full(len(cand), np.inf)
         if act.any():
             tree = cKDTree(np.asarray(params.particles.pos)[act] * np.asarray(vs_eff))
-            d, _ = tree.query(cand * np.asarray(vs_eff))
-        else:
-            d = np.full(len(cand), np.inf)
+            if len(cand):
+                d, _ = tree.query(cand * np.asarray(vs_eff))
         far = d > overlap * 2.0 * Rm  # closer would be removed as an overlap
-        n_split = 0
-        if split and act.any():
-            jj, dirs = split_proposals(params, cand[~far], g_c[~far], tree, np.flatnonzero(act),
-                                       w * r * r, Rm)
-            params, n_split, boxes = split_moves(params, jj, dirs, np.flatnonzero(act), Rm)
-            for box in boxes:
-                far &= ~np.all([(cand[:, ax] >= box[ax].start) & (cand[:, ax] < box[ax].stop)
-                                for ax in range(3)], axis=0)
+        close, g_close = cand[~far], g_c[~far]
         cand, amp_c = cand[far], amp_c[far]
         Lf = np.asarray(stack_region(illumination_field(params.background, geom), geom))
-        amp0 = amp_c / np.maximum(at_voxels(Lf, cand), 1e-3)
+        amp0 = amp_c / np.maximum(at_voxels(Lf, cand), 1e-3) if len(cand) else amp_c
         ok = np.abs(amp0) >= min_amplitude * med_a  # as bright as a particle can be
         cand, amp0 = cand[ok], amp0[ok]
+        n_split = 0
+        if split and act.any():
+            jj, dirs = split_proposals(params, close, g_close, tree, np.flatnonzero(act),
+                                       w * r * r, Rm)
+            params, n_split, claimed = split_moves(params, jj, dirs, np.flatnonzero(act), Rm,
+                                                   cand, amp0)
+            cand, amp0 = cand[~claimed], amp0[~claimed]
         if len(cand) == 0:
             return params, n_split
         free_slots = np.flatnonzero(mask == 0)
@@ -899,40 +902,42 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             out_u.append(np.asarray([1.0, 0.0, 0.0]))
         return out_j, out_u
 
-    def split_moves(params, jj, dirs, act_idx, Rm):
+    def split_moves(params, jj, dirs, act_idx, Rm, cand, amp0):
         """Split moves: each proposed particle (``split_proposals``) is replaced by two
         touching particles (radius Rm, the median amplitude each) a radius either side of
         it along its line. One split per particle and per box, none of a particle whose
         split did not pay before, none less than a radius from a face (there the light of
-        the particles beyond it, poorly fitted, paid for false splits on a tiny test stack). The round's fits then place them; ``judge_splits`` keeps
-        the pair only if it pays. Returns (params, splits made, their boxes): the addition
-        leaves the boxes alone this time (a candidate there would count towards the
-        split's gain; it is often one of the two the split puts in)."""
+        the particles beyond it, poorly fitted, paid for false splits on a tiny test
+        stack). The addition's candidates (``cand``, ``amp0``) in a split's box are
+        claimed by it: the split competes with them (``judge_splits``), so that it cannot
+        take the credit for a missing particle the addition would have put there. Returns
+        (params, splits made, the candidates claimed)."""
         nonlocal mask
         v = np.asarray(vs_eff)
         pos = np.asarray(params.particles.pos)
         a = np.asarray(params.particles.amplitude)
         busy = {s["j"] for s in splits} | {s["k"] for s in splits} | no_split
-        centres = [s["old"][0] for s in splits]
+        claimed = np.zeros(len(cand), bool)
         made = 0
 
         def in_box(pts, box):
-            pts = np.asarray(pts).reshape(-1, 3)
-            return len(pts) and np.any(np.all([(pts[:, ax] >= box[ax].start) & (pts[:, ax] < box[ax].stop)
-                                               for ax in range(3)], axis=0))
+            pts = np.asarray(pts, np.float64).reshape(-1, 3)
+            return np.all([(pts[:, ax] >= box[ax].start) & (pts[:, ax] < box[ax].stop)
+                           for ax in range(3)], axis=0)
 
         for j, u in zip(jj, dirs):
             if j in busy or not _interior(pos[j][None], np.asarray(image.shape), Rm / v)[0]:
                 continue  # near a face, light from beyond it can pay for a false split
             box = split_box(pos[j], Rm)
-            if in_box(centres, box):
+            if any(in_box(s["old"][0], box)[0] for s in splits):
                 continue  # another split in the same box would count towards this one's gain
+            mine = in_box(cand, box) & ~claimed
+            claimed |= mine
             busy.add(j)
             step = Rm * u / np.linalg.norm(u) / v  # voxels
             params, slot = free_slot(params)
             busy.add(slot)
             old = (pos[j].copy(), float(params.particles.radius[j]), float(a[j]), anchor[j].copy())
-            centres.append(old[0])
             pj, pk = (np.clip(pos[j] + s * step, plo, phi) for s in (-1.0, 1.0))
             p = params.particles
             amp = np.sign(a[j]) * float(np.median(np.abs(a[act_idx])))
@@ -944,21 +949,22 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             mask[slot] = 1.0
             anchor[j], anchor[slot] = pj, pk
             from_start[slot] = False
-            splits.append(dict(j=j, k=slot, old=old, box=box))
+            splits.append(dict(j=j, k=slot, old=old, box=box, rival=(cand[mine], amp0[mine], Rm)))
             stats["splits_tried"] += 1
             made += 1
-        return params, made, [s["box"] for s in splits]
+        return params, made, claimed
 
     def judge_splits(params):
-        """Judge this round's splits, fairly: the state without them (each split particle
-        put back as it was, its partner gone) gets the same joint fit as the state with
-        them had, and a split is kept only if the chi^2 in a box around it is lower with
-        it by more than the penalty (the addition's model-selection rule). A particle whose
+        """Judge this round's splits against what the round would have done without
+        them: each split particle put back as it was, its partner gone, and the
+        addition's candidates it claimed (its rivals) added; that state gets the same joint
+        fit as the state with the splits had. A split is kept only if the chi^2 in its
+        box, plus the penalty for each particle there, is lower with it (for a split with
+        no rival: lower by more than the penalty, the addition's rule). A particle whose
         split did not pay is never split again."""
         nonlocal mask
         if not splits:
             return params
-        act_split = mask.copy()
         m, w = weights(params)
         z2_split = w * (np.asarray(data_n) - m) ** 2
         p = params.particles
@@ -969,32 +975,53 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             pos = pos.at[s["j"]].set(jnp.asarray(pj, jnp.float32))
             rad, amp = rad.at[s["j"]].set(rj), amp.at[s["j"]].set(aj).at[s["k"]].set(0.0)
             anchor[s["j"]] = anc
-            mask[s["j"]], mask[s["k"]] = 1.0, 0.0
+            mask[s["k"]] = 0.0
         rev = Params(Particles(pos, rad, amp), params.psf, params.background)
+        for s in splits:  # the rivals, as the addition would have put them in
+            rc, ra, Rm = s["rival"]
+            s["slots"] = []
+            for c, a in zip(rc, ra):
+                rev, slot = free_slot(rev)
+                q = rev.particles
+                rev = Params(Particles(q.pos.at[slot].set(jnp.asarray(c, jnp.float32)),
+                                       q.radius.at[slot].set(Rm), q.amplitude.at[slot].set(float(a))),
+                             rev.psf, rev.background)
+                mask[slot], anchor[slot], from_start[slot] = 1.0, c, False
+                s["slots"].append(slot)
         rev, hist = joint_fit(rev, weights(rev)[1])
         m, w = weights(rev)
         z2_rev = w * (np.asarray(data_n) - m) ** 2
-        pays = [act_split[s["j"]] > 0 and act_split[s["k"]] > 0
-                and float(np.sum(z2_rev[s["box"]]) - np.sum(z2_split[s["box"]]))
-                > penalty_at(s["old"][0][None])[0] for s in splits]
-        for s, ok in zip(splits, pays):  # where, the box's chi^2 gain, kept
+        keep = []
+        for s in splits:
+            pen = float(penalty_at(s["old"][0][None])[0])
+            gain = float(np.sum(z2_rev[s["box"]]) - np.sum(z2_split[s["box"]])) \
+                + pen * (len(s["slots"]) - 1)
+            ok = gain > 0
+            keep.append(ok)
+            # where, the box's penalised chi^2 gain, rivals, kept
             stats.setdefault("split_log", []).append(
-                (*np.round(s["old"][0], 2).tolist(),
-                 round(float(np.sum(z2_rev[s["box"]]) - np.sum(z2_split[s["box"]])), 1), bool(ok)))
-        keep = [s for s, ok in zip(splits, pays) if ok]
-        stats["splits_kept"] += len(keep)
-        no_split.update(s["j"] for s, ok in zip(splits, pays) if not ok)
+                (*np.round(s["old"][0], 2).tolist(), round(gain, 1), len(s["slots"]), bool(ok)))
+            if not ok:
+                no_split.add(s["j"])
+                stats["added"] += len(s["slots"])
+        kept = [s for s, ok in zip(splits, keep) if ok]
+        stats["splits_kept"] += len(kept)
         splits.clear()
-        if not keep:
+        if not kept:
             return rev
-        # the fitted state without the splits, with the kept pairs as the fit with them left them
-        idx = jnp.asarray([i for s in keep for i in (s["j"], s["k"])])
-        for i in np.asarray(idx):
-            mask[i] = 1.0
-            anchor[i] = anchor_split[i]
+        # the fitted state without the splits, with the kept pairs as the fit with them
+        # left them and their rivals gone
+        idx = np.asarray([i for s in kept for i in (s["j"], s["k"])])
+        gone = np.asarray([i for s in kept for i in s["slots"]], int)
+        mask[idx] = 1.0
+        mask[gone] = 0.0
+        anchor[idx] = anchor_split[idx]
+        from_start[idx] = False  # where it is now says nothing of its start's error (gauge)
         q, p = rev.particles, params.particles
-        return Params(Particles(q.pos.at[idx].set(p.pos[idx]), q.radius.at[idx].set(p.radius[idx]),
-                                q.amplitude.at[idx].set(p.amplitude[idx])), rev.psf, rev.background)
+        ji = jnp.asarray(idx)
+        return Params(Particles(q.pos.at[ji].set(p.pos[ji]), q.radius.at[ji].set(p.radius[ji]),
+                                q.amplitude.at[ji].set(p.amplitude[ji]).at[jnp.asarray(gone)].set(0.0)),
+                      rev.psf, rev.background)
 
     history = []
     # spurious starts that sit on a particle: remove before they push it away (gains mean

@@ -79,6 +79,8 @@ def run(phi, r_px, elong, shape, seed=0, options=None):
                 median_sigma_over_coupled_crlb=np.round(np.median(sig, axis=0) / cc, 2).tolist(),
                 mean_error_vox=np.round((f[i] - tt)[inner].mean(axis=0), 3).tolist(), calibration=np.round(cal, 2).tolist(),
                 seconds=round(dt, 1), particles_per_second=round(len(f) / dt, 1),
+                splits=(res.stats.get("splits_tried"), res.stats.get("splits_kept")),
+                split_log=res.stats.get("split_log", []),
                 tail_restarts=tail_restarts(res.stats))
 
 

@@ -116,7 +116,7 @@ class RefineResult:
         kind, L-BFGS steps, seconds with compiles), gauge_shift (the common z
         shift taken out at the end, voxels; absent when none was), gauge_radius (the gauge
         counts the starts this far from every face; the unit of voxel_size), splits_tried
-        and splits_kept (split moves, ``SPLIT_MOVES``), split_log (each judged split:
+        and splits_kept (split moves, ``split``), split_log (each judged split:
         z, y, x of the particle split, the chi^2 it gained in its box, kept), ...
     """
 
@@ -269,15 +269,9 @@ def _fresh_tails(psf):
 # took 66% of the light and recall fell to 0.936 (docs/refine.md, twenty-first session)
 FIRST_TAIL_WEIGHT = 0.004
 
-# split moves (from the second round on): a particle that may be two merged into one (z
-# neighbours under an elongated PSF: a residual peak too close to it for the addition, or
-# light it does not explain) is replaced by two touching ones, and the pair is kept only if
-# the chi^2 in a box around it is lower than that of the same fit without the split by
-# more than the penalty (else the particle is put back and not split again).
-# docs/refine.md, twenty-third session
-SPLIT_MOVES = True
-# robust standard deviations above the median quality from which a particle at least as
-# large as the median is proposed for a split along z
+# split moves (refine_positions's ``split``): a particle at least as large as the median
+# whose quality lies this many robust standard deviations above the median is proposed
+# for a split along z
 SPLIT_QUALITY = 2.0
 
 # experimental, off: the first round's shape fit (the first with the missing particles
@@ -500,7 +494,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                      noise=None, polish=2, min_amplitude=0.4, polydispersity=0.1, add_passes=3,
                      max_move=1.0, gauge=True, neighbours=12, progress=False, verbose=False,
                      psf=None, psf_grid=True, psf_depth=False,
-                     outside_penalty=OUTSIDE_PENALTY) -> RefineResult:
+                     outside_penalty=OUTSIDE_PENALTY, split=True) -> RefineResult:
     """Refine rough centres to the best positions the light allows, add the missed
     particles, remove the spurious ones, and give per-particle uncertainties.
 
@@ -555,6 +549,11 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         also fitted it in a second stage of ``fit_shape``; not measured since.
     psf_depth : let the PSF's widths change with depth (``fit_shape``'s ``psf_depth``;
         ignored when ``psf`` is given).
+    split : split moves, from the second round on: a particle that may be two merged
+        into one (z neighbours under an elongated PSF; a residual peak too close to it for
+        the addition, or light it does not explain) is replaced by two touching ones, and
+        the pair is kept only if it beats, by the penalty, the same round without the split
+        (docs/refine.md, twenty-third session). Costs a joint fit per round with splits.
 
     Returns
     -------
@@ -1069,7 +1068,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         act = mask > 0
         med_a = float(np.median(np.abs(np.asarray(params.particles.amplitude)[act]))) if act.any() \
             else float(np.median(np.abs(a0)))
-        params, added = add_step(params, med_a, split=SPLIT_MOVES and rnd > 0)
+        params, added = add_step(params, med_a, split=split and rnd > 0)
         # relearn the shape (centres held) before the position fit, every round: the shape
         # learned from rough starts is blurred by their errors, and before the addition it
         # took the light of the missing particles into its tail; fitting positions with it
@@ -1092,7 +1091,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                   f"{counts}, steps {len(hist)}")
         if not mask.any():  # nothing in the stack pays for itself: no particle at all
             break
-        if added == 0 and n_removed == 0 and (rnd > 0 or not SPLIT_MOVES):
+        if added == 0 and n_removed == 0 and (rnd > 0 or not split):
             break  # (the split moves need a round after the first joint fit)
     if bar is not None:
         bar.close()

@@ -511,13 +511,11 @@ def _merged_pair_stack():
     return image.astype(np.uint16), pos, vs, psf, c
 
 
-def test_a_pair_merged_along_z_is_split(monkeypatch):
+def test_a_pair_merged_along_z_is_split():
     """One start between two touching z neighbours: the fit holds it there (the light is
     symmetric), and the addition cannot put a particle so close to it. The split move
     replaces it by two, which pay by far more than the penalty; without it the pair stays
     one particle."""
-    import importlib
-
     image, pos, vs, psf, c = _merged_pair_stack()
     start = np.concatenate([c[None], pos[2:]])
     kw = dict(voxel_size=vs, radius=0.4, psf=psf, max_rounds=3, steps=30, shape_steps=20, polish=0)
@@ -529,8 +527,7 @@ def test_a_pair_merged_along_z_is_split(monkeypatch):
     assert res.stats["splits_kept"] == 1
     (z, y, x, gain, rivals, kept), = [s for s in res.stats["split_log"] if s[-1]]
     assert np.linalg.norm((np.array([z, y, x]) - c) * vs) < 0.1 and gain > 0
-    monkeypatch.setattr(importlib.import_module("difftrack.refine"), "SPLIT_MOVES", False)
-    res = refine_positions(image, start, **kw)
+    res = refine_positions(image, start, split=False, **kw)
     f = res.particles[["z", "y", "x"]].to_numpy()
     # measured: 7 particles, the pair's found 0.35 and 0.49 um off
     assert len(f) == len(pos) - 1

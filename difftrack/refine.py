@@ -907,9 +907,12 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         it along its line. One split per particle and per box, none of a particle whose
         split did not pay before, none less than a radius from a face (there the light of
         the particles beyond it, poorly fitted, paid for false splits on a tiny test
-        stack). The addition's candidates (``cand``, ``amp0``) in a split's box are
-        claimed by it: the split competes with them (``judge_splits``), so that it cannot
-        take the credit for a missing particle the addition would have put there. Returns
+        stack), none whose box holds more than one of the addition's candidates (``cand``,
+        ``amp0``: particles are missing there, and the addition goes first; a split that
+        competed with four took the place of three missing particles for a round). A
+        candidate in a split's box is claimed by it: the split competes with it
+        (``judge_splits``), so that it cannot take the credit for a missing particle the
+        addition would have put there. Returns
         (params, splits made, the candidates claimed)."""
         nonlocal mask
         v = np.asarray(vs_eff)
@@ -931,6 +934,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             if any(in_box(s["old"][0], box)[0] for s in splits):
                 continue  # another split in the same box would count towards this one's gain
             mine = in_box(cand, box) & ~claimed
+            if mine.sum() > 1:
+                continue  # particles are missing here: the addition goes first
             claimed |= mine
             busy.add(j)
             step = Rm * u / np.linalg.norm(u) / v  # voxels

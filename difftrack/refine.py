@@ -780,6 +780,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         stats["removed_gain"] += counts["gain"]
         stats["removed"] += int(drop.sum())
         mask = np.where(drop, 0.0, mask).astype(np.float32)
+        no_split.difference_update(np.flatnonzero(drop).tolist())  # the slot may be reused
         amp = jnp.where(jnp.asarray(drop), 0.0, params.particles.amplitude)
         params = Params(Particles(params.particles.pos, params.particles.radius, amp),
                         params.psf, params.background)
@@ -907,7 +908,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         it along its line. One split per particle and per box, none of a particle whose
         split did not pay before, none less than a radius from a face (there the light of
         the particles beyond it, poorly fitted, paid for false splits on a tiny test
-        stack), none whose box holds more than one of the addition's candidates (``cand``,
+        stack), none whose box overlaps another split's, none whose box holds more than
+        one of the addition's candidates (``cand``,
         ``amp0``: particles are missing there, and the addition goes first; a split that
         competed with four took the place of three missing particles for a round). A
         candidate in a split's box is claimed by it: the split competes with it
@@ -919,20 +921,27 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         pos = np.asarray(params.particles.pos)
         a = np.asarray(params.particles.amplitude)
         busy = {s["j"] for s in splits} | {s["k"] for s in splits} | no_split
-        claimed = np.zeros(len(cand), bool)
-        made = 0
 
         def in_box(pts, box):
             pts = np.asarray(pts, np.float64).reshape(-1, 3)
             return np.all([(pts[:, ax] >= box[ax].start) & (pts[:, ax] < box[ax].stop)
                            for ax in range(3)], axis=0)
 
+        def overlap_box(a, b):
+            return all(x.start < y.stop and y.start < x.stop for x, y in zip(a, b))
+
+        # a candidate in the box of a split of this round's earlier passes is left out:
+        # it is that split's rival or a particle of its pair, not yet fitted
+        claimed = np.zeros(len(cand), bool)
+        for sp in splits:
+            claimed |= in_box(cand, sp["box"])
+        made = 0
         for j, u in zip(jj, dirs):
             if j in busy or not _interior(pos[j][None], np.asarray(image.shape), Rm / v)[0]:
                 continue  # near a face, light from beyond it can pay for a false split
             box = split_box(pos[j], Rm)
-            if any(in_box(s["old"][0], box)[0] for s in splits):
-                continue  # another split in the same box would count towards this one's gain
+            if any(overlap_box(sp["box"], box) for sp in splits):
+                continue  # another split in the box would count towards this one's gain
             mine = in_box(cand, box) & ~claimed
             if mine.sum() > 1:
                 continue  # particles are missing here: the addition goes first
@@ -964,25 +973,20 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         addition's candidates it claimed (its rivals) added; that state gets the same joint
         fit as the state with the splits had. A split is kept only if the chi^2 in its
         box, plus the penalty for each particle there, is lower with it (for a split with
-        no rival: lower by more than the penalty, the addition's rule). A particle whose
-        split did not pay is never split again."""
+        no rival: lower by more than the penalty, the addition's rule; both sums with the
+        split state's weights). A particle whose split did not pay is never split again.
+        Returns (params, the particles the splits added, net)."""
         nonlocal mask
         if not splits:
-            return params
+            return params, 0
         m, w = weights(params)
         z2_split = w * (np.asarray(data_n) - m) ** 2
         p = params.particles
         pos, rad, amp = p.pos, p.radius, p.amplitude
         anchor_split = anchor.copy()
-        for s in splits:
-            pj, rj, aj, anc = s["old"]
-            pos = pos.at[s["j"]].set(jnp.asarray(pj, jnp.float32))
-            rad, amp = rad.at[s["j"]].set(rj), amp.at[s["j"]].set(aj).at[s["k"]].set(0.0)
-            anchor[s["j"]] = anc
-            mask[s["k"]] = 0.0
-        rev = Params(Particles(pos, rad, amp), params.psf, params.background)
-        for s in splits:  # the rivals, as the addition would have put them in
-            rc, ra, Rm = s["rival"]
+        rev = params
+        for s in splits:  # the rivals, as the addition would have put them in (placed while
+            rc, ra, Rm = s["rival"]  # the partners still hold their slots)
             s["slots"] = []
             for c, a in zip(rc, ra):
                 rev, slot = free_slot(rev)
@@ -992,10 +996,21 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                              rev.psf, rev.background)
                 mask[slot], anchor[slot], from_start[slot] = 1.0, c, False
                 s["slots"].append(slot)
+        q = rev.particles
+        pos, rad, amp = q.pos, q.radius, q.amplitude
+        for s in splits:
+            pj, rj, aj, anc = s["old"]
+            pos = pos.at[s["j"]].set(jnp.asarray(pj, jnp.float32))
+            rad, amp = rad.at[s["j"]].set(rj), amp.at[s["j"]].set(aj).at[s["k"]].set(0.0)
+            anchor[s["j"]] = anc
+            mask[s["k"]] = 0.0
+        rev = Params(Particles(pos, rad, amp), rev.psf, rev.background)
         rev, hist = joint_fit(rev, weights(rev)[1])
-        m, w = weights(rev)
-        z2_rev = w * (np.asarray(data_n) - m) ** 2
+        history.extend(hist)
+        m_rev = np.asarray(render(_clamp(rev, jnp.asarray(mask), static, rbounds), geom))
+        z2_rev = w * (np.asarray(data_n) - m_rev) ** 2  # the same weights for both
         keep = []
+        change = 0  # particles the round's splits added, net: kept splits and rivals
         for s in splits:
             pen = float(penalty_at(s["old"][0][None])[0])
             gain = float(np.sum(z2_rev[s["box"]]) - np.sum(z2_split[s["box"]])) \
@@ -1008,15 +1023,17 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             if not ok:
                 no_split.add(s["j"])
                 stats["added"] += len(s["slots"])
+            change += 1 if ok else len(s["slots"])
         kept = [s for s, ok in zip(splits, keep) if ok]
         stats["splits_kept"] += len(kept)
         splits.clear()
         if not kept:
-            return rev
+            return rev, change
         # the fitted state without the splits, with the kept pairs as the fit with them
         # left them and their rivals gone
         idx = np.asarray([i for s in kept for i in (s["j"], s["k"])])
         gone = np.asarray([i for s in kept for i in s["slots"]], int)
+        assert not set(idx.tolist()) & set(gone.tolist())
         mask[idx] = 1.0
         mask[gone] = 0.0
         anchor[idx] = anchor_split[idx]
@@ -1025,7 +1042,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         ji = jnp.asarray(idx)
         return Params(Particles(q.pos.at[ji].set(p.pos[ji]), q.radius.at[ji].set(p.radius[ji]),
                                 q.amplitude.at[ji].set(p.amplitude[ji]).at[jnp.asarray(gone)].set(0.0)),
-                      rev.psf, rev.background)
+                      rev.psf, rev.background), change
 
     history = []
     # spurious starts that sit on a particle: remove before they push it away (gains mean
@@ -1073,7 +1090,9 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         act = mask > 0
         med_a = float(np.median(np.abs(np.asarray(params.particles.amplitude)[act]))) if act.any() \
             else float(np.median(np.abs(a0)))
+        tried = stats["splits_tried"]
         params, added = add_step(params, med_a, split=split and rnd > 0)
+        added -= stats["splits_tried"] - tried  # splits count once judged (below)
         # relearn the shape (centres held) before the position fit, every round: the shape
         # learned from rough starts is blurred by their errors, and before the addition it
         # took the light of the missing particles into its tail; fitting positions with it
@@ -1084,7 +1103,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         m, w = weights(params)
         params, hist = joint_fit(params, w)
         history += hist
-        params = judge_splits(params)
+        params, by_splits = judge_splits(params)
+        added += by_splits
         stats["rounds"] = rnd + 1
         if bar is not None:
             bar.update(1)

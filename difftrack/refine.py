@@ -973,16 +973,17 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         addition's candidates it claimed (its rivals) added; that state gets the same joint
         fit as the state with the splits had. A split is kept only if the chi^2 in its
         box, plus the penalty for each particle there, is lower with it (for a split with
-        no rival: lower by more than the penalty, the addition's rule; both sums with the
-        split state's weights). A particle whose split did not pay is never split again.
+        no rival: lower by more than the penalty, the addition's rule; "chi^2" here is
+        -2 log likelihood, the log of each state's own noise variance included). A particle whose split did not pay is never split again.
         Returns (params, the particles the splits added, net)."""
         nonlocal mask
         if not splits:
             return params, 0
+        # -2 log likelihood per voxel, each state with its own noise variance (chi^2 with
+        # each state's weights leaves out the log-variance term; with the same weights
+        # for both, the comparison moved by ~90 in a box of the dark PERI stack)
         m, w = weights(params)
-        z2_split = w * (np.asarray(data_n) - m) ** 2
-        p = params.particles
-        pos, rad, amp = p.pos, p.radius, p.amplitude
+        z2_split = w * (np.asarray(data_n) - m) ** 2 - np.log(w)
         anchor_split = anchor.copy()
         rev = params
         for s in splits:  # the rivals, as the addition would have put them in (placed while
@@ -1007,8 +1008,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         rev = Params(Particles(pos, rad, amp), rev.psf, rev.background)
         rev, hist = joint_fit(rev, weights(rev)[1])
         history.extend(hist)
-        m_rev = np.asarray(render(_clamp(rev, jnp.asarray(mask), static, rbounds), geom))
-        z2_rev = w * (np.asarray(data_n) - m_rev) ** 2  # the same weights for both
+        m, w = weights(rev)
+        z2_rev = w * (np.asarray(data_n) - m) ** 2 - np.log(w)
         keep = []
         change = 0  # particles the round's splits added, net: kept splits and rivals
         for s in splits:

@@ -908,8 +908,9 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         it along its line. One split per particle and per box, none of a particle whose
         split did not pay before, none less than a radius from a face (there the light of
         the particles beyond it, poorly fitted, paid for false splits on a tiny test
-        stack), none whose box overlaps another split's, none whose box holds more than
-        one of the addition's candidates (``cand``,
+        stack), none whose box holds another split's particle (boxes may overlap at their
+        edges: with disjoint boxes, dark PERI seed 1's merged pair was not tried), none
+        whose box holds more than one of the addition's candidates (``cand``,
         ``amp0``: particles are missing there, and the addition goes first; a split that
         competed with four took the place of three missing particles for a round). A
         candidate in a split's box is claimed by it: the split competes with it
@@ -927,9 +928,6 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             return np.all([(pts[:, ax] >= box[ax].start) & (pts[:, ax] < box[ax].stop)
                            for ax in range(3)], axis=0)
 
-        def overlap_box(a, b):
-            return all(x.start < y.stop and y.start < x.stop for x, y in zip(a, b))
-
         # a candidate in the box of a split of this round's earlier passes is left out:
         # it is that split's rival or a particle of its pair, not yet fitted
         claimed = np.zeros(len(cand), bool)
@@ -940,7 +938,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             if j in busy or not _interior(pos[j][None], np.asarray(image.shape), Rm / v)[0]:
                 continue  # near a face, light from beyond it can pay for a false split
             box = split_box(pos[j], Rm)
-            if any(overlap_box(sp["box"], box) for sp in splits):
+            if any(in_box(sp["old"][0], box)[0] for sp in splits):
                 continue  # another split in the box would count towards this one's gain
             mine = in_box(cand, box) & ~claimed
             if mine.sum() > 1:

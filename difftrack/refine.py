@@ -117,7 +117,8 @@ class RefineResult:
         shift taken out at the end, voxels; absent when none was), gauge_radius (the gauge
         counts the starts this far from every face; the unit of voxel_size), splits_tried
         and splits_kept (split moves, ``split``), split_log (each judged split:
-        z, y, x of the particle split, the chi^2 it gained in its box, kept), ...
+        z, y, x of the particle split, its penalised gain in -2 log likelihood over its box,
+        its rivals, kept), ...
     """
 
     particles: pd.DataFrame
@@ -844,11 +845,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             cand, amp0 = cand[~claimed], amp0[~claimed]
         if len(cand) == 0:
             return params, n_split
-        free_slots = np.flatnonzero(mask == 0)
-        if len(free_slots) < len(cand):
-            params, mask = grow(params, mask, int(math.ceil((mask.size + len(cand)) * 1.25 / 256) * 256))
-            free_slots = np.flatnonzero(mask == 0)
-        slots = free_slots[: len(cand)]
+        params, slots = free_slots(params, len(cand))
         p = params.particles
         params = Params(Particles(p.pos.at[slots].set(jnp.asarray(cand, jnp.float32)),
                                   p.radius.at[slots].set(Rm),
@@ -860,13 +857,14 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         from_start[slots] = False
         return params, len(slots) + n_split
 
-    def free_slot(params):
+    def free_slots(params, k):
+        """(params, the first ``k`` empty slots), the buffer grown if it has fewer."""
         nonlocal mask
         free = np.flatnonzero(mask == 0)
-        if len(free) == 0:
-            params, mask = grow(params, mask, int(math.ceil((mask.size + 1) * 1.25 / 256) * 256))
+        if len(free) < k:
+            params, mask = grow(params, mask, int(math.ceil((mask.size + k) * 1.25 / 256) * 256))
             free = np.flatnonzero(mask == 0)
-        return params, int(free[0])
+        return params, free[:k]
 
     def split_box(p, Rm):
         h = np.ceil(2.0 * Rm / np.asarray(vs_eff)) + 2
@@ -917,7 +915,6 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         (``judge_splits``), so that it cannot take the credit for a missing particle the
         addition would have put there. Returns
         (params, splits made, the candidates claimed)."""
-        nonlocal mask
         v = np.asarray(vs_eff)
         pos = np.asarray(params.particles.pos)
         a = np.asarray(params.particles.amplitude)
@@ -946,7 +943,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             claimed |= mine
             busy.add(j)
             step = Rm * u / np.linalg.norm(u) / v  # voxels
-            params, slot = free_slot(params)
+            params, (slot,) = free_slots(params, 1)
+            slot = int(slot)
             busy.add(slot)
             old = (pos[j].copy(), float(params.particles.radius[j]), float(a[j]), anchor[j].copy())
             pj, pk = (np.clip(pos[j] + s * step, plo, phi) for s in (-1.0, 1.0))
@@ -974,10 +972,9 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         no rival: lower by more than the penalty, the addition's rule; "chi^2" here is
         -2 log likelihood, the log of each state's own noise variance included). A
         particle whose split did not pay, or that came from a kept split, is never split
-        again. Returns (params, the particles the splits added, net)."""
-        nonlocal mask
+        again."""
         if not splits:
-            return params, 0
+            return params
         # -2 log likelihood per voxel, each state with its own noise variance (chi^2 with
         # each state's weights leaves out the log-variance term; with the same weights
         # for both, the comparison moved by ~90 in a box of the dark PERI stack)
@@ -989,7 +986,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             rc, ra, Rm = s["rival"]  # the partners still hold their slots)
             s["slots"] = []
             for c, a in zip(rc, ra):
-                rev, slot = free_slot(rev)
+                rev, (slot,) = free_slots(rev, 1)
                 q = rev.particles
                 rev = Params(Particles(q.pos.at[slot].set(jnp.asarray(c, jnp.float32)),
                                        q.radius.at[slot].set(Rm), q.amplitude.at[slot].set(float(a))),
@@ -1010,7 +1007,6 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         m, w = weights(rev)
         z2_rev = w * (np.asarray(data_n) - m) ** 2 - np.log(w)
         keep = []
-        change = 0  # particles the round's splits added, net: kept splits and rivals
         for s in splits:
             pen = float(penalty_at(s["old"][0][None])[0])
             gain = float(np.sum(z2_rev[s["box"]]) - np.sum(z2_split[s["box"]])) \
@@ -1023,7 +1019,6 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             if not ok:
                 no_split.add(s["j"])
                 stats["added"] += len(s["slots"])
-            change += 1 if ok else len(s["slots"])
         kept = [s for s, ok in zip(splits, keep) if ok]
         stats["splits_kept"] += len(kept)
         # a kept pair is not split again: on dark PERI seed 1 the same place was split
@@ -1031,7 +1026,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         no_split.update(i for s in kept for i in (s["j"], s["k"]))
         splits.clear()
         if not kept:
-            return rev, change
+            return rev
         # the fitted state without the splits, with the kept pairs as the fit with them
         # left them and their rivals gone
         idx = np.asarray([i for s in kept for i in (s["j"], s["k"])])
@@ -1045,7 +1040,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         ji = jnp.asarray(idx)
         return Params(Particles(q.pos.at[ji].set(p.pos[ji]), q.radius.at[ji].set(p.radius[ji]),
                                 q.amplitude.at[ji].set(p.amplitude[ji]).at[jnp.asarray(gone)].set(0.0)),
-                      rev.psf, rev.background), change
+                      rev.psf, rev.background)
 
     history = []
     # spurious starts that sit on a particle: remove before they push it away (gains mean
@@ -1107,7 +1102,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         m, w = weights(params)
         params, hist = joint_fit(params, w)
         history += hist
-        params, _ = judge_splits(params)
+        params = judge_splits(params)
         stats["rounds"] = rnd + 1
         if bar is not None:
             bar.update(1)

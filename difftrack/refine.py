@@ -274,6 +274,15 @@ FIRST_TAIL_WEIGHT = 0.004
 # whose quality lies this many robust standard deviations above the median is proposed
 # for a split along z
 SPLIT_QUALITY = 2.0
+# ... and so is a particle whose radius lies this many polydispersity stds above the
+# median (or against its upper bound)
+SPLIT_RADIUS = 3.0
+# ... unless it lies closer than this many radii to a face: there the light of the
+# particles beyond it, never fitted as well as those inside, paid for false splits. At 1
+# radius every split kept on dev_small_dense and dev_large (which crop a larger packing)
+# lay 1.1-2.5 radii from a face, every one kept on dark PERI 2.7-6.5 (docs/refine.md,
+# twenty-fourth session)
+SPLIT_FACE_MARGIN = 2.5
 
 # experimental, off: the first round's shape fit (the first with the missing particles
 # added) also runs from fresh tails (``_fresh_tails``) and keeps the lower final loss.
@@ -658,6 +667,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     params, mask = grow(params, mask, cap)
     splits = []  # this round's split moves, judged after its joint fit (judge_splits)
     no_split = set()  # slots whose split did not pay: not split again
+    fresh = set()  # slots the addition filled in this round's passes: not yet fitted
     pair_cap = 1024
     stats = dict(rounds=0, added=0, removed=0, removed_overlap=0, removed_gain=0,
                  removed_implausible=0, splits_tried=0, splits_kept=0, steps=0, joint_fits=0, penalty=penalty,
@@ -795,6 +805,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         (z neighbours under an elongated PSF) are added one per pass, before the
         position fit can slide a neighbour into the hole left. Returns (params, added)."""
         added = 0
+        fresh.clear()
         for _ in range(add_passes):
             params, n_new = add_pass(params, med_a, split)
             added += n_new
@@ -853,6 +864,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                         params.psf, params.background)
         mask[slots] = 1.0
         stats["added"] += len(slots)
+        fresh.update(slots.tolist())
         anchor[slots] = cand
         from_start[slots] = False
         return params, len(slots) + n_split
@@ -880,7 +892,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         (quality more than ``SPLIT_QUALITY`` robust stds above the median) and whose
         radius is at least the median, along z, where the PSF is longest and neighbours
         merge (two touching particles a radius above and below, the dark PERI stack's
-        miss). Returns (slots, directions)."""
+        miss); (c) those whose radius is implausibly large (``SPLIT_RADIUS``), along z
+        too. Returns (slots, directions)."""
         v = np.asarray(vs_eff)
         pos = np.asarray(params.particles.pos)
         out_j, out_u = [], []
@@ -894,7 +907,13 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         med = np.median(q)
         spread = 1.4826 * np.median(np.abs(q - med))
         rad = np.asarray(params.particles.radius)[act_idx]
-        sel = np.flatnonzero((q > med + SPLIT_QUALITY * spread) & (rad >= np.median(rad)))
+        # (c) a radius pressed against its upper bound, or more than SPLIT_RADIUS prior
+        # stds above the median: the light of several particles taken by one (dark PERI
+        # seed 1: three touching particles fitted as one of radius 1.5 R)
+        fat = rad >= 0.98 * rhi
+        if polydispersity is not None:
+            fat |= rad > np.median(rad) * (1.0 + SPLIT_RADIUS * float(polydispersity))
+        sel = np.flatnonzero(((q > med + SPLIT_QUALITY * spread) & (rad >= np.median(rad))) | fat)
         for i in sel[np.argsort(-q[sel])]:
             out_j.append(int(act_idx[i]))
             out_u.append(np.asarray([1.0, 0.0, 0.0]))
@@ -904,9 +923,9 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         """Split moves: each proposed particle (``split_proposals``) is replaced by two
         touching particles (radius Rm, the median amplitude each) a radius either side of
         it along its line. One split per particle and per box, none of a particle whose
-        split did not pay before, none less than a radius from a face (there the light of
-        the particles beyond it, poorly fitted, paid for false splits on a tiny test
-        stack), none whose box holds another split's particle (boxes may overlap at their
+        split did not pay before, none less than ``SPLIT_FACE_MARGIN`` radii from a face
+        (there the light of the particles beyond it, poorly fitted, paid for false
+        splits), none whose box holds another split's particle (boxes may overlap at their
         edges: with disjoint boxes, dark PERI seed 1's merged pair was not tried), none
         whose box holds more than one of the addition's candidates (``cand``,
         ``amp0``: particles are missing there, and the addition goes first; a split that
@@ -918,7 +937,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         v = np.asarray(vs_eff)
         pos = np.asarray(params.particles.pos)
         a = np.asarray(params.particles.amplitude)
-        busy = {s["j"] for s in splits} | {s["k"] for s in splits} | no_split
+        # not a particle the addition put in this round: unfitted, its misfit says
+        # nothing of whether it is two (on dark PERI seed 1 one such was split, the split
+        # judged even, and the particle, fitted, stayed between two true ones for good)
+        busy = {s["j"] for s in splits} | {s["k"] for s in splits} | no_split | fresh
 
         def in_box(pts, box):
             pts = np.asarray(pts, np.float64).reshape(-1, 3)
@@ -932,7 +954,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             claimed |= in_box(cand, sp["box"])
         made = 0
         for j, u in zip(jj, dirs):
-            if j in busy or not _interior(pos[j][None], np.asarray(image.shape), Rm / v)[0]:
+            if j in busy or not _interior(pos[j][None], np.asarray(image.shape),
+                                          SPLIT_FACE_MARGIN * Rm / v)[0]:
                 continue  # near a face, light from beyond it can pay for a false split
             box = split_box(pos[j], Rm)
             if any(in_box(sp["old"][0], box)[0] for sp in splits):

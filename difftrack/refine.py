@@ -910,13 +910,14 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         med = np.median(q)
         spread = 1.4826 * np.median(np.abs(q - med))
         rad = np.asarray(params.particles.radius)[act_idx]
+        rmed = np.median(rad)
         # (c) a radius pressed against its upper bound, or more than SPLIT_RADIUS prior
         # stds above the median: the light of several particles taken by one (dark PERI
         # seed 1: three touching particles fitted as one of radius 1.5 R)
         fat = rad >= 0.98 * rhi
         if polydispersity is not None:
-            fat |= rad > np.median(rad) * (1.0 + SPLIT_RADIUS * float(polydispersity))
-        sel = np.flatnonzero(((q > med + SPLIT_QUALITY * spread) & (rad >= np.median(rad))) | fat)
+            fat |= rad > rmed * (1.0 + SPLIT_RADIUS * float(polydispersity))
+        sel = np.flatnonzero(((q > med + SPLIT_QUALITY * spread) & (rad >= rmed)) | fat)
         for i in sel[np.argsort(-q[sel])]:
             out_j.append(int(act_idx[i]))
             out_u.append(np.asarray([1.0, 0.0, 0.0]))

@@ -272,7 +272,7 @@ FIRST_TAIL_WEIGHT = 0.004
 
 # split moves (refine_positions's ``split``): a particle at least as large as the median
 # whose quality lies this many robust standard deviations above the median is proposed
-# for a split along z
+# for a split (along ``SPLIT_AXIS``)
 SPLIT_QUALITY = 2.0
 # ... and so is a particle whose radius lies this many polydispersity stds above the
 # median (or against its upper bound)
@@ -284,6 +284,10 @@ SPLIT_RADIUS = 3.0
 # cost dev_small_dense seed 0 recall (0.999, 0.998 against 1.000) in the two versions that
 # allowed them, for no gain in RMSE over five runs (docs/refine.md, twenty-fourth session)
 SPLIT_FACE_MARGIN = 2.5
+# the line a split by quality or radius is made along: "residual" (the excess of the
+# residual's second moment, ``_split_axis``; z where it has none) or "z" (before the
+# twenty-fifth session)
+SPLIT_AXIS = "residual"
 
 # experimental, off: the first round's shape fit (the first with the missing particles
 # added) also runs from fresh tails (``_fresh_tails``) and keeps the lower final loss.
@@ -292,6 +296,24 @@ SPLIT_FACE_MARGIN = 2.5
 # 0-2 went 3.62 -> 3.05, 5.96 -> 5.99, 5.27 -> 5.85 CRLB: a choice between unfinished
 # fits, within the spread between starts (docs/refine.md, nineteenth and twentieth sessions)
 TAIL_RESTART = False
+
+
+def _split_axis(resid, box, centre, v, R):
+    """The line along which the light in ``box`` is spread more than the model's: the top
+    eigenvector of the residual's second moment about ``centre`` (physical units; the
+    residual signed so that missing particle light is positive), over the voxels within
+    3 radii of it. A pair fitted as one between them leaves light missing at both ends of
+    its axis and too much in the middle: the excess lies along the pair's axis, whatever
+    the PSF (which blurs the model and the data alike). None if no axis has an excess.
+    (Within 2 radii the window cut the z-elongated light and tilted a diagonal pair's
+    axis 10-11 degrees towards x; within 3, 2 degrees: tests/test_refine.py.)"""
+    idx = np.meshgrid(*[np.arange(b.start, b.stop) for b in box], indexing="ij")
+    d = np.stack([(i - c) * vv for i, c, vv in zip(idx, centre, v)], axis=-1)
+    near = np.sum(d * d, axis=-1) <= (3.0 * R) ** 2
+    d, r = d[near], np.asarray(resid)[box][near]
+    M = (d * r[:, None]).T @ d
+    val, vec = np.linalg.eigh(M)
+    return vec[:, -1] if val[-1] > 0 else None
 
 
 @partial(jax.jit, static_argnames=("geom",))
@@ -853,7 +875,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         n_split = 0
         if split and act.any():
             jj, dirs = split_proposals(params, close, g_close, tree, np.flatnonzero(act),
-                                       w * r * r, Rm)
+                                       w * r * r, r, Rm)
             params, n_split, claimed = split_moves(params, jj, dirs, np.flatnonzero(act), Rm,
                                                    cand, amp0)
             cand, amp0 = cand[~claimed], amp0[~claimed]
@@ -887,16 +909,18 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         hi = np.minimum(np.ceil(p + h).astype(int) + 1, image.shape)
         return tuple(slice(a, b) for a, b in zip(lo, hi))
 
-    def split_proposals(params, close, g_close, tree, act_idx, z2, Rm):
+    def split_proposals(params, close, g_close, tree, act_idx, z2, resid, Rm):
         """Particles that may be two merged into one, strongest sign first, with the line
         to split them along (physical units): (a) those with a residual peak whose gain
         pays the penalty too close to them to be added beside it (0.4 to ``overlap`` x 2
         radii away), along the line to the peak; (b) those whose light is not explained
         (quality more than ``SPLIT_QUALITY`` robust stds above the median) and whose
-        radius is at least the median, along z, where the PSF is longest and neighbours
-        merge (two touching particles a radius above and below, the dark PERI stack's
-        miss); (c) those whose radius is implausibly large (``SPLIT_RADIUS``), along z
-        too. Returns (slots, directions)."""
+        radius is at least the median (two touching particles a radius above and below,
+        the dark PERI stack's miss); (c) those whose radius is implausibly large
+        (``SPLIT_RADIUS``). (b) and (c) are split along the residual's own axis
+        (``_split_axis``; z, where the PSF is longest and neighbours merge, if it has
+        none or ``SPLIT_AXIS`` is "z"): dark PERI seed 1's last interior merge was a pair
+        diagonal in z-x. Returns (slots, directions)."""
         v = np.asarray(vs_eff)
         pos = np.asarray(params.particles.pos)
         out_j, out_u = [], []
@@ -919,8 +943,11 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             fat |= rad > rmed * (1.0 + SPLIT_RADIUS * float(polydispersity))
         sel = np.flatnonzero(((q > med + SPLIT_QUALITY * spread) & (rad >= rmed)) | fat)
         for i in sel[np.argsort(-q[sel])]:
-            out_j.append(int(act_idx[i]))
-            out_u.append(np.asarray([1.0, 0.0, 0.0]))
+            j = int(act_idx[i])
+            u = _split_axis(sign * resid, split_box(pos[j], Rm), pos[j], v, Rm) \
+                if SPLIT_AXIS == "residual" else None
+            out_j.append(j)
+            out_u.append(np.asarray([1.0, 0.0, 0.0]) if u is None else u)
         return out_j, out_u
 
     def split_moves(params, jj, dirs, act_idx, Rm, cand, amp0):

@@ -284,10 +284,13 @@ SPLIT_RADIUS = 3.0
 # cost dev_small_dense seed 0 recall (0.999, 0.998 against 1.000) in the two versions that
 # allowed them, for no gain in RMSE over five runs (docs/refine.md, twenty-fourth session)
 SPLIT_FACE_MARGIN = 2.5
-# the line a split by quality or radius is made along: "residual" (the excess of the
-# residual's second moment, ``_split_axis``; z where it has none) or "z" (before the
-# twenty-fifth session)
-SPLIT_AXIS = "residual"
+# the line a split by quality or radius is made along: "z" or, experimental, "residual"
+# (the excess of the residual's second moment, ``_split_axis``; z where it has none). On
+# a toy pair diagonal in z-x "residual" finds both (tests/test_refine.py); on dark PERI
+# seeds 0 / 1 / 2 it kept more splits, some of particles within 0.5-1.4 voxel of a true
+# one (light the model does not explain, aimed at), and recall went 0.996 / 0.993 /
+# 0.996 -> 0.993 / 0.968 / 0.996 (docs/refine.md, twenty-fifth session)
+SPLIT_AXIS = "z"
 
 # experimental, off: the first round's shape fit (the first with the missing particles
 # added) also runs from fresh tails (``_fresh_tails``) and keeps the lower final loss.
@@ -917,10 +920,9 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         (quality more than ``SPLIT_QUALITY`` robust stds above the median) and whose
         radius is at least the median (two touching particles a radius above and below,
         the dark PERI stack's miss); (c) those whose radius is implausibly large
-        (``SPLIT_RADIUS``). (b) and (c) are split along the residual's own axis
-        (``_split_axis``; z, where the PSF is longest and neighbours merge, if it has
-        none or ``SPLIT_AXIS`` is "z"): dark PERI seed 1's last interior merge was a pair
-        diagonal in z-x. Returns (slots, directions)."""
+        (``SPLIT_RADIUS``). (b) and (c) are split along z, where the PSF is longest and
+        neighbours merge, or with ``SPLIT_AXIS`` = "residual" along the residual's own
+        axis (``_split_axis``; experimental). Returns (slots, directions)."""
         v = np.asarray(vs_eff)
         pos = np.asarray(params.particles.pos)
         out_j, out_u = [], []

@@ -171,11 +171,13 @@ def _loss(free, pos, data, weight, amplitude_mask, bounds, *, static):
     the units of sum(weight r^2): ``radius_spread_penalty``, curvature of the prior on
     the PSF's free-form grid in the same units: ``grid_prior`` * sum(g^2), g the grid's
     mirror average ``PSF.symmetric_grid``)."""
-    geom, hold_psf, hold_illum = static
+    geom, hold_psf, hold_illum, hold_radius = static
     lo, hi = bounds[0], bounds[1]  # traced: a new radius does not recompile the step
     radius, amplitude, psf, background = free
     if hold_psf:  # zero gradient: L-BFGS leaves the PSF exactly where it is
         psf = jax.lax.stop_gradient(psf)
+    if hold_radius:  # (and the renderer skips the ball's radius derivative: faster steps)
+        radius = jax.lax.stop_gradient(radius)
     if hold_illum:
         background = dataclasses.replace(background, illum=jax.lax.stop_gradient(background.illum))
     R = jnp.clip(radius, lo, hi)
@@ -215,15 +217,16 @@ def border_weight(shape, border):
 
 def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, weight=None, steps=200,
                    tol=1e-7, progress=None, amplitude_mask=None, hold_psf=False,
-                   hold_illum=False, radius_prior=0.0, grid_prior=0.0):
+                   hold_illum=False, radius_prior=0.0, grid_prior=0.0, hold_radius=False):
     """L-BFGS on radii, amplitudes, PSF and background with positions held.
 
     ``data_n``: the normalised image (float32 jax array); ``weight``: per-voxel weight of
     the residual (default 1); ``amplitude_mask``: 1 for particles that exist, 0 for empty
     slots of a fixed-capacity buffer (default all 1); ``hold_psf``: keep the PSF as given
     (fit only radii, amplitudes and background); ``hold_illum``: keep the illumination
-    field as given; ``radius_prior``: curvature of the radius-spread prior
-    (``radius_spread_penalty``) in the units of sum(weight r^2) (0: none); ``grid_prior``:
+    field as given; ``hold_radius``: keep the radii as given; ``radius_prior``: curvature
+    of the radius-spread prior (``radius_spread_penalty``) in the units of sum(weight r^2)
+    (0: none); ``grid_prior``:
     curvature of the prior on the PSF's free-form grid (``PSF.log_grid``) in the same
     units; returns (params, history).
     """
@@ -235,7 +238,7 @@ def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, weight=Non
     pos = params.particles.pos
     bounds3 = jnp.asarray([*bounds, radius_prior, grid_prior], jnp.float32)
     free, history = minimize(_loss, free, (pos, data_n, weight, amask, bounds3),
-                             static=(geom, bool(hold_psf), bool(hold_illum)),
+                             static=(geom, bool(hold_psf), bool(hold_illum), bool(hold_radius)),
                              steps=steps, tol=tol, progress=progress, what="shape fit")
     radius_, amplitude, psf, background = free
     params = Params(Particles(pos, jnp.clip(radius_, *bounds), amplitude * amask), psf, background)

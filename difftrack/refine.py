@@ -292,6 +292,13 @@ SPLIT_FACE_MARGIN = 2.5
 # 0.996 -> 0.993 / 0.968 / 0.996 (docs/refine.md, twenty-fifth session)
 SPLIT_AXIS = "z"
 
+# experimental, off: refine's shape fits (after fit_shape's) hold the radii, which every
+# joint fit fits (PSF, amplitudes and background only). Their steps take half the time (no
+# radius derivative of the ball): shape fits 2.2x, refine ~1.5x faster on dark PERI; bright
+# PERI seeds 0 the same, but dark PERI z 7-23% worse over seeds 0-2 (docs/refine.md,
+# twenty-fifth session)
+SHAPE_HOLDS_RADII = False
+
 # experimental, off: the first round's shape fit (the first with the missing particles
 # added) also runs from fresh tails (``_fresh_tails``) and keeps the lower final loss.
 # Where fresh tails won, by 0.007-0.25% of the loss, in 4 of 5 runs by less than the fit
@@ -1118,7 +1125,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             return fit_parameters(p, data_n, geom, radius=R0, weight=jnp.asarray(w),
                                   steps=shape_steps, amplitude_mask=jnp.asarray(mask),
                                   hold_psf=hold_psf, hold_illum=True, radius_prior=kappa,
-                                  grid_prior=GRID_PRIOR)
+                                  grid_prior=GRID_PRIOR, hold_radius=SHAPE_HOLDS_RADII)
 
         shape_p, hist = fit(params)
         if restart and not hold_psf:

@@ -278,3 +278,25 @@ def test_psf_core_covers_the_widest_depth():
         assert deep.core_half(vs, kmax, reach=10) == wide.core_half(vs, kmax, reach=10)
         hz, hy, hx = deep.core_half(vs, kmax, reach=10)
         assert (hz, hy) == (int(np.ceil(0.25 * np.exp(0.3) * 10 / 0.2)), int(np.ceil(np.exp(0.3) * 10)))
+
+
+def test_hold_radius_keeps_the_radii_and_fits_the_rest(sim):
+    """``fit_parameters(hold_radius=True)`` (refine's ``SHAPE_HOLDS_RADII``): the radii
+    exactly as given, amplitudes and PSF still fitted."""
+    import jax.numpy as jnp
+
+    from difftrack.model import _normalise, fit_parameters, initial_params, make_geometry
+
+    pos = sim.truth[["z", "y", "x"]].to_numpy()
+    pos = pos[np.all((pos >= -0.5) & (pos <= np.asarray(sim.image.shape) - 0.5), axis=1)]
+    centre, scale = _normalise(sim.image)
+    data_n = jnp.asarray((sim.image.astype(np.float32) - centre) / scale)
+    geom = make_geometry(sim.image.shape, sim.voxel_size, 0.4, sim.params.psf)
+    p0 = initial_params(data_n, jnp.asarray(pos, jnp.float32), geom, radius=0.4, sign=1.0,
+                        psf=sim.params.psf)
+    held, _ = fit_parameters(p0, data_n, geom, radius=0.4, steps=10, hold_radius=True)
+    free, _ = fit_parameters(p0, data_n, geom, radius=0.4, steps=10)
+    np.testing.assert_array_equal(np.asarray(held.particles.radius), np.asarray(p0.particles.radius))
+    assert not np.allclose(np.asarray(free.particles.radius), np.asarray(p0.particles.radius))
+    assert not np.allclose(np.asarray(held.particles.amplitude), np.asarray(p0.particles.amplitude))
+    assert not np.allclose(np.asarray(held.psf.log_sigma_z), np.asarray(p0.psf.log_sigma_z))

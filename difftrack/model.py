@@ -226,9 +226,8 @@ def fit_parameters(params: Params, data_n, geom: Geometry, *, radius, weight=Non
     (fit only radii, amplitudes and background); ``hold_illum``: keep the illumination
     field as given; ``hold_radius``: keep the radii as given; ``radius_prior``: curvature
     of the radius-spread prior (``radius_spread_penalty``) in the units of sum(weight r^2)
-    (0: none); ``grid_prior``:
-    curvature of the prior on the PSF's free-form grid (``PSF.log_grid``) in the same
-    units; returns (params, history).
+    (0: none); ``grid_prior``: curvature of the prior on the PSF's free-form grid
+    (``PSF.log_grid``) in the same units; returns (params, history).
     """
     weight = jnp.ones(geom.shape, jnp.float32) if weight is None else jnp.asarray(weight)
     n = params.particles.amplitude.shape[0]

@@ -308,19 +308,20 @@ SHAPE_HOLDS_RADII = False
 TAIL_RESTART = False
 
 
-def _split_axis(resid, box, centre, v, R):
+def _split_axis(resid, box, centre, v, R, sign=1.0):
     """The line along which the light in ``box`` is spread more than the model's: the top
     eigenvector of the residual's second moment about ``centre`` (physical units; the
-    residual signed so that missing particle light is positive), over the voxels within
-    3 radii of it. A pair fitted as one between them leaves light missing at both ends of
-    its axis and too much in the middle: the excess lies along the pair's axis, whatever
-    the PSF (which blurs the model and the data alike). None if no axis has an excess.
-    (Within 2 radii the window cut the z-elongated light and tilted a diagonal pair's
-    axis 10-11 degrees towards x; within 3, 2 degrees: tests/test_refine.py.)"""
+    residual times ``sign``, the particles' sign, so that missing light is positive),
+    over the voxels within 3 radii of it. A pair fitted as one between them leaves light
+    missing at both ends of its axis and too much in the middle: the excess lies along the
+    pair's axis, whatever the PSF (which blurs the model and the data alike). None if no
+    axis has an excess. (Within 2 radii the window cut the z-elongated light and tilted a
+    diagonal pair's axis 10-11 degrees towards x; within 3, 1.8 at most:
+    tests/test_refine.py.)"""
     idx = np.meshgrid(*[np.arange(b.start, b.stop) for b in box], indexing="ij")
     d = np.stack([(i - c) * vv for i, c, vv in zip(idx, centre, v)], axis=-1)
     near = np.sum(d * d, axis=-1) <= (3.0 * R) ** 2
-    d, r = d[near], np.asarray(resid)[box][near]
+    d, r = d[near], sign * np.asarray(resid[box])[near]
     M = (d * r[:, None]).T @ d
     val, vec = np.linalg.eigh(M)
     return vec[:, -1] if val[-1] > 0 else None
@@ -953,7 +954,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         sel = np.flatnonzero(((q > med + SPLIT_QUALITY * spread) & (rad >= rmed)) | fat)
         for i in sel[np.argsort(-q[sel])]:
             j = int(act_idx[i])
-            u = _split_axis(sign * resid, split_box(pos[j], Rm), pos[j], v, Rm) \
+            u = _split_axis(resid, split_box(pos[j], Rm), pos[j], v, Rm, sign) \
                 if SPLIT_AXIS == "residual" else None
             out_j.append(j)
             out_u.append(np.asarray([1.0, 0.0, 0.0]) if u is None else u)

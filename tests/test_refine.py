@@ -514,6 +514,15 @@ def _merged_pair_stack(dark=False, axis=(1.0, 0.0, 0.0)):
     return image.astype(np.uint16), pos, vs, psf, c
 
 
+def _refine_merged(stack, steps=30, shape_steps=20, **kw):
+    """``refine_positions`` on a ``_merged_pair_stack`` from one start between the pair and
+    the lone particles' true centres (the PSF held, 3 rounds, no polish)."""
+    image, pos, vs, psf, c = stack
+    start = np.concatenate([c[None], pos[2:]])
+    return refine_positions(image, start, voxel_size=vs, radius=0.4, psf=psf, max_rounds=3,
+                            steps=steps, shape_steps=shape_steps, polish=0, **kw)
+
+
 def _found(res, pos, vs):
     """(found centres, each true centre's distance to the nearest found one, physical)."""
     f = res.particles[["z", "y", "x"]].to_numpy()
@@ -525,17 +534,16 @@ def test_a_pair_merged_along_z_is_split():
     symmetric), and the addition cannot put a particle so close to it. The split move
     replaces it by two, which pay by far more than the penalty; without it the pair stays
     one particle."""
-    image, pos, vs, psf, c = _merged_pair_stack()
-    start = np.concatenate([c[None], pos[2:]])
-    kw = dict(voxel_size=vs, radius=0.4, psf=psf, max_rounds=3, steps=30, shape_steps=20, polish=0)
-    res = refine_positions(image, start, **kw)
+    stack = _merged_pair_stack()
+    image, pos, vs, psf, c = stack
+    res = _refine_merged(stack)
     f, d = _found(res, pos, vs)
     # measured: every particle within 0.007 um; the split's gain 3,400 (penalty 45)
     assert len(f) == len(pos) and max(d) < 0.1 * 0.4, d
     assert res.stats["splits_kept"] == 1
     (z, y, x, gain, rivals, kept), = [s for s in res.stats["split_log"] if s[-1]]
     assert np.linalg.norm((np.array([z, y, x]) - c) * vs) < 0.1 and gain > 0
-    res = refine_positions(image, start, split=False, **kw)
+    res = _refine_merged(stack, split=False)
     f = res.particles[["z", "y", "x"]].to_numpy()
     # measured: 7 particles, the pair's found 0.35 and 0.49 um off
     assert len(f) == len(pos) - 1
@@ -567,7 +575,7 @@ def test_split_axis_is_the_pairs_axis(axis):
     h = np.ceil(2 * 0.4 / v) + 2  # refine's split box
     box = tuple(slice(int(a - b), int(a + b + 1)) for a, b in zip(c, h))
     got = _split_axis(resid, box, c, v, 0.4)
-    # measured: within 2.2 degrees of the pair's axis (10-11 degrees off for the
+    # measured: within 1.8 degrees of the pair's axis (10-11 degrees off for the
     # diagonal ones with a window of 2 radii)
     assert abs(got @ u) > np.cos(np.radians(4)), (got, u)
 
@@ -582,18 +590,18 @@ def test_a_pair_merged_across_z_is_split_along_its_axis(monkeypatch):
 
     R = importlib.import_module("difftrack.refine")
     monkeypatch.setattr(R, "SPLIT_AXIS", "residual")
-    image, pos, vs, psf, c = _merged_pair_stack(axis=(1.0, 0.0, 1.0))
-    start = np.concatenate([c[None], pos[2:]])
+    stack = _merged_pair_stack(axis=(1.0, 0.0, 1.0))
+    image, pos, vs, psf, c = stack
     # (with 30 / 20 steps the held-PSF fits of this tiny stack do not settle and the
     # first round removes everything, split or not)
-    kw = dict(voxel_size=vs, radius=0.4, psf=psf, max_rounds=3, steps=60, shape_steps=60, polish=0)
-    res = refine_positions(image, start, **kw)
+    kw = dict(steps=60, shape_steps=60)
+    res = _refine_merged(stack, **kw)
     f, d = _found(res, pos, vs)
     # measured: every particle within 0.011 um; the one split tried kept (gain 5,821)
     assert len(f) == len(pos) and max(d) < 0.1 * 0.4, d
     assert res.stats["splits_kept"] == 1
     monkeypatch.setattr(R, "SPLIT_AXIS", "z")
-    res = refine_positions(image, start, **kw)
+    res = _refine_merged(stack, **kw)
     f, d = _found(res, pos[:2], vs)
     # measured: 6 particles, the pair's found 0.98 and 1.0 um off (the split kept, gain 2,512:
     # better than one particle, worse than the right pair)
@@ -610,15 +618,14 @@ def test_a_particle_too_large_is_split(monkeypatch):
 
     R = importlib.import_module("difftrack.refine")
     monkeypatch.setattr(R, "SPLIT_QUALITY", np.inf)
-    image, pos, vs, psf, c = _merged_pair_stack(dark=True)
-    start = np.concatenate([c[None], pos[2:]])
-    kw = dict(voxel_size=vs, radius=0.4, psf=psf, max_rounds=3, steps=30, shape_steps=20, polish=0)
-    res = refine_positions(image, start, **kw)
+    stack = _merged_pair_stack(dark=True)
+    image, pos, vs, psf, c = stack
+    res = _refine_merged(stack)
     f = res.particles[["z", "y", "x"]].to_numpy()
     # measured: 7 particles, the merged one 0.39 and 0.45 um from the pair, radius 0.412
     assert len(f) == len(pos) - 1 and res.stats["splits_tried"] == 0
     monkeypatch.setattr(R, "SPLIT_RADIUS", 0.1)
-    res = refine_positions(image, start, **kw)
+    res = _refine_merged(stack)
     f, d = _found(res, pos, vs)
     # measured: every particle within 0.021 um; the one split tried, the pair's, kept (gain 1,033)
     assert len(f) == len(pos) and max(d) < 0.1 * 0.4, d

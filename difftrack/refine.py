@@ -572,7 +572,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     add_passes : most passes of the addition per round; each looks at the residual with
         the particles of the passes before it in the model.
     max_move : no centre moves farther than this many radii (the starting median) from
-        where it entered the loop (its start, or where the addition put it): a soft wall
+        where it entered the loop (its start, where the addition put it, or where the
+        fit that judged its split kept it): a soft wall
         in every joint fit. A particle the light would carry farther is another particle;
         the removal and the addition deal with it. None: no limit.
     gauge : a common z shift of every centre and the opposite shift of the PSF give the
@@ -1044,7 +1045,6 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         # for both, the comparison moved by ~90 in a box of the dark PERI stack)
         m, w = weights(params)
         z2_split = w * (np.asarray(data_n) - m) ** 2 - np.log(w)
-        anchor_split = anchor.copy()
         rev = params
         for s in splits:  # the rivals, as the addition would have put them in (placed while
             rc, ra, Rm = s["rival"]  # the partners still hold their slots)
@@ -1098,9 +1098,13 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         assert not set(idx.tolist()) & set(gone.tolist())
         mask[idx] = 1.0
         mask[gone] = 0.0
-        anchor[idx] = anchor_split[idx]
-        from_start[idx] = False  # where it is now says nothing of its start's error (gauge)
+        # a kept pair enters the loop where the judged fit left it: its split put it a
+        # guessed radius either side along a line, and a trust region around that guess
+        # removed as stuck a pair the judge had kept, its particle pressed 0.5 voxel
+        # short of the true one (dark PERI seed 1: the merged pair then came back as one)
         q, p = rev.particles, params.particles
+        anchor[idx] = np.asarray(p.pos)[idx]
+        from_start[idx] = False  # where it is now says nothing of its start's error (gauge)
         ji = jnp.asarray(idx)
         return Params(Particles(q.pos.at[ji].set(p.pos[ji]), q.radius.at[ji].set(p.radius[ji]),
                                 q.amplitude.at[ji].set(p.amplitude[ji]).at[jnp.asarray(gone)].set(0.0)),

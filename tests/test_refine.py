@@ -1,6 +1,7 @@
 """Refinement pieces that are finished: the noise model, the exact removal gain, the
 addition gain map (never adds to pure noise), and the end-to-end loop on a tiny stack."""
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from difftrack.refine import (OUTSIDE_PENALTY, _ellipsoid, _gain_map, _learned_k
                               _penalty_at, _removal_gain, estimate_noise, refine_positions)
 from difftrack.render import Params, Particles, render
 from difftrack.shape import PSF
+
+DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def test_estimate_noise_recovers_a_poisson_like_model():
@@ -635,9 +639,6 @@ def test_a_particle_too_large_is_split(monkeypatch):
     assert any(np.linalg.norm((np.array(s[:3]) - c) * vs) < 0.1 for s in kept)
 
 
-DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev"
-
-
 @pytest.mark.slow
 def test_a_kept_split_is_not_removed_for_where_it_was_guessed():
     """Dark PERI, the benchmark's degraded start of seed 1 (``benchmarks/refine_dev.py``):
@@ -652,12 +653,11 @@ def test_a_kept_split_is_not_removed_for_where_it_was_guessed():
     if not (DEV / f"{name}.tif").is_file():
         pytest.skip("../shared/data/dev is absent")
     image = read_stack(DEV / f"{name}.tif").image
-    t = pd.read_csv(DEV / f"{name}.csv")[["z", "y", "x"]].to_numpy()
-    rng = np.random.default_rng(1)  # refine_dev.degraded_start, seed 1
-    start = t + rng.uniform(-0.5, 0.5, t.shape)
-    start = start[rng.random(len(t)) > 0.10]
-    spurious = rng.uniform(0, 1, (int(round(0.02 * len(t))), 3)) * (np.asarray(image.shape) - 1)
-    start = np.clip(np.vstack([start, spurious]), -0.5, np.asarray(image.shape) - 0.5)
+    spec = importlib.util.spec_from_file_location("refine_dev", BENCHMARKS / "refine_dev.py")
+    refine_dev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(refine_dev)  # the benchmark's own degraded start, seed 1
+    start = refine_dev.degraded_start(pd.read_csv(DEV / f"{name}.csv"), image.shape,
+                                      np.random.default_rng(1))
     res = refine_positions(image, start, radius=3.0)
     f = res.particles[["z", "y", "x"]].to_numpy()
     pair = np.array([[13.80, 34.51, 19.02], [18.27, 34.49, 15.14]])  # 5.9 voxels apart

@@ -1,11 +1,13 @@
 """refine_positions on the dev stacks from degraded truth (issue 4's protocol).
 
-    python benchmarks/refine_dev.py [NAME ...] [--options JSON] [--seed N] [--save DIR]
+    python benchmarks/refine_dev.py [NAME ...] [--options JSON] [--seed N] [--save DIR] [--from-truth]
 
 ``--options '{"polydispersity": null}'``: keyword arguments for ``refine_positions``.
 ``--seed N``: the degraded start's seed (default 0, the one every table used); the runs are
 chaotic in their start and rounding, so several seeds tell a change from the spread.
 ``--save DIR``: also write each run's table to DIR/NAME_seedN.csv (for analyses after).
+``--from-truth``: start from every true centre instead (no jitter, none deleted, none
+spurious; the seed is ignored): what is left then is the model's error, not the search's.
 
 Start: the true centres jittered by U(-0.5, 0.5) voxel per axis, 10% deleted, 2% spurious
 added uniformly in the stack (seeded). Scored on the interior (one radius from each face):
@@ -69,7 +71,7 @@ def _diagnostics(f, t, crlb, shape, rad_vox):
                 rmse_over_crlb_z_detrended=round(float(np.sqrt((ez**2).mean()) / crlb[0]), 2))
 
 
-def main(names, options=None, seed=0, save=None):
+def main(names, options=None, seed=0, save=None, from_truth=False):
     crlb = json.loads((DEV / "crlb.json").read_text())
     rows = []
     for name in names:
@@ -78,7 +80,8 @@ def main(names, options=None, seed=0, save=None):
         truth = pd.read_csv(DEV / f"{name}.csv")
         vs, rad = (st.voxel_size, meta["radius_um"]) if "px_um" in meta else (None, meta["radius"])
         vse = np.asarray(vs or (1.0, 1.0, 1.0))
-        start = degraded_start(truth, st.image.shape, np.random.default_rng(seed))
+        start = np.clip(truth[["z", "y", "x"]].to_numpy(), -0.5, np.asarray(st.image.shape) - 0.5) \
+            if from_truth else degraded_start(truth, st.image.shape, np.random.default_rng(seed))
         t0 = time.perf_counter()
         res = refine_positions(st.image, start, voxel_size=vs, radius=rad, **(options or {}))
         dt = time.perf_counter() - t0
@@ -121,5 +124,7 @@ if __name__ == "__main__":
                     help="JSON object of keyword arguments for refine_positions")
     ap.add_argument("--seed", type=int, default=0, help="the degraded start's seed (default 0)")
     ap.add_argument("--save", default=None, help="write each run's table to DIR/NAME_seedN.csv")
+    ap.add_argument("--from-truth", action="store_true",
+                    help="start from every true centre (no jitter, none deleted or spurious)")
     args = ap.parse_args()
-    main(args.names or NAMES, args.options, args.seed, args.save)
+    main(args.names or NAMES, args.options, args.seed, args.save, args.from_truth)

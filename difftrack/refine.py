@@ -53,8 +53,8 @@ from .model import (GRID_PRIOR, BorderError, Model, _normalise, fit_parameters, 
                     to_image_units, to_normalised_units)
 from .optimize import minimize
 from .render import (Params, Particles, background_field, correlate, gather_patches,
-                     illumination_field, kernel_on_grid, patch_values, render, stack_region,
-                     to_canvas)
+                     illumination_field, kernel_on_grid, patch_values, render, render_parts,
+                     stack_region, to_canvas)
 from .shape import voxel_ball
 
 
@@ -118,7 +118,7 @@ class RefineResult:
         counts the starts this far from every face; the unit of voxel_size), splits_tried
         and splits_kept (split moves, ``split``), split_log (each judged split:
         z, y, x of the particle split, its penalised gain in -2 log likelihood over its box,
-        its rivals, kept), ...
+        its rivals, the particles it was split into, kept), ...
     """
 
     particles: pd.DataFrame
@@ -291,6 +291,14 @@ SPLIT_FACE_MARGIN = 2.5
 # one (light the model does not explain, aimed at), and recall went 0.996 / 0.993 /
 # 0.996 -> 0.993 / 0.968 / 0.996 (docs/refine.md, twenty-fifth session)
 SPLIT_AXIS = "z"
+# ... and so is a particle this many times the median radius (whatever the
+# polydispersity): on dark PERI seed 4 a void of four missing particles at depth was held
+# by two particles of radius 4.1 and 4.5 (median 3.0), sliding between their light; on
+# the four dev stacks, away from the faces, no fitted radius passed 1.19x the median. Such
+# a particle is split into as many whole particles as its volume holds, (R / median)^3
+# rounded down, 2 to ``SPLIT_MAX`` (``split_moves``)
+FAT_RADIUS = 1.3
+SPLIT_MAX = 4
 
 # experimental, off: refine's shape fits (after fit_shape's) hold the radii, which every
 # joint fit fits (PSF, amplitudes and background only). Their steps take half the time (no
@@ -325,6 +333,42 @@ def _split_axis(resid, box, centre, v, R, sign=1.0):
     M = (d * r[:, None]).T @ d
     val, vec = np.linalg.eigh(M)
     return vec[:, -1] if val[-1] > 0 else None
+
+
+def _light_centres(light, box, centre, v, reach, k, restarts=8, seed=0):
+    """``k`` centres (voxels) of the light in ``box`` within ``reach`` (physical) of
+    ``centre``: a k-means of the voxels weighted by ``light`` (clipped at 0: a particle's
+    own light plus the residual, sign-corrected, is the light its neighbours leave
+    unexplained), the best of ``restarts`` k-means++ starts (a fixed seed: the same light
+    gives the same centres). None if there is no light."""
+    idx = np.meshgrid(*[np.arange(b.start, b.stop) for b in box], indexing="ij")
+    X = np.stack([i.ravel() for i in idx], axis=-1).astype(np.float64)
+    w = np.clip(np.asarray(light[box], np.float64).ravel(), 0, None)
+    d = (X - np.asarray(centre, np.float64)) * np.asarray(v, np.float64)
+    near = (np.sum(d * d, axis=1) <= reach * reach) & (w > 0)
+    X, w = X[near] * np.asarray(v, np.float64), w[near]  # physical units
+    if len(w) < k:
+        return None
+    rng = np.random.default_rng(seed)
+    best, best_cost = None, np.inf
+    for _ in range(restarts):
+        c = X[[rng.choice(len(X), p=w / w.sum())]]
+        while len(c) < k:  # k-means++: the next start where the light lies far from them
+            d2 = np.min(((X[:, None] - c[None]) ** 2).sum(-1), axis=1) * w
+            if d2.sum() <= 0:
+                return None
+            c = np.vstack([c, X[rng.choice(len(X), p=d2 / d2.sum())]])
+        for _ in range(50):
+            lab = np.argmin(((X[:, None] - c[None]) ** 2).sum(-1), axis=1)
+            new = np.stack([(w[lab == i] @ X[lab == i]) / w[lab == i].sum()
+                            if w[lab == i].sum() > 0 else c[i] for i in range(k)])
+            if np.allclose(new, c, atol=1e-4):
+                break
+            c = new
+        cost = float(np.sum(w * ((X - c[lab]) ** 2).sum(-1)))
+        if cost < best_cost:
+            best, best_cost = c, cost
+    return best / np.asarray(v, np.float64)
 
 
 @partial(jax.jit, static_argnames=("geom",))
@@ -886,10 +930,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         cand, amp0 = cand[ok], amp0[ok]
         n_split = 0
         if split and act.any():
-            jj, dirs = split_proposals(params, close, g_close, tree, np.flatnonzero(act),
+            jj, centres = split_proposals(params, close, g_close, tree, np.flatnonzero(act),
                                        w * r * r, r, Rm)
-            params, n_split, claimed = split_moves(params, jj, dirs, np.flatnonzero(act), Rm,
-                                                   cand, amp0)
+            params, n_split, claimed = split_moves(params, jj, centres, np.flatnonzero(act), Rm,
+                                                   cand, amp0, r)
             cand, amp0 = cand[~claimed], amp0[~claimed]
         if len(cand) == 0:
             return params, n_split
@@ -922,67 +966,105 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         return tuple(slice(a, b) for a, b in zip(lo, hi))
 
     def split_proposals(params, close, g_close, tree, act_idx, z2, resid, Rm):
-        """Particles that may be two merged into one, strongest sign first, with the line
-        to split them along (physical units): (a) those with a residual peak whose gain
-        pays the penalty too close to them to be added beside it (0.4 to ``overlap`` x 2
-        radii away), along the line to the peak; (b) those whose light is not explained
-        (quality more than ``SPLIT_QUALITY`` robust stds above the median) and whose
-        radius is at least the median (two touching particles a radius above and below,
-        the dark PERI stack's miss); (c) those whose radius is implausibly large
-        (``SPLIT_RADIUS``). (b) and (c) are split along z, where the PSF is longest and
-        neighbours merge, or with ``SPLIT_AXIS`` = "residual" along the residual's own
-        axis (``_split_axis``; experimental). Returns (slots, directions)."""
+        """Particles that may be several merged into one, strongest sign first, with the
+        centres (voxels) of the particles to split each into: (a) those with a residual
+        peak whose gain pays the penalty too close to them to be added beside it (0.4 to
+        ``overlap`` x 2 radii away): two, along the line to the peak; (b) those whose
+        light is not explained (quality more than ``SPLIT_QUALITY`` robust stds above the
+        median) and whose radius is at least the median (two touching particles a radius
+        above and below, the dark PERI stack's miss): two, along z, where the PSF is
+        longest and neighbours merge, or with ``SPLIT_AXIS`` = "residual" along the
+        residual's own axis (``_split_axis``; experimental); (c) those whose radius is
+        implausibly large (``FAT_RADIUS``, ``SPLIT_RADIUS``, or its upper bound): as many
+        as their volume holds (2 to ``SPLIT_MAX``) at the centres of a k-means of the
+        light their neighbours leave unexplained (``_light_centres``; along z if it finds
+        none). Every pair is two touching particles a median radius either side of the
+        particle's centre. Returns (slots, centres: for a fat particle, how many)."""
         v = np.asarray(vs_eff)
         pos = np.asarray(params.particles.pos)
-        out_j, out_u = [], []
+
+        def pair(j, u):
+            step = Rm * u / np.linalg.norm(u) / v  # voxels
+            return np.stack([pos[j] - step, pos[j] + step])
+
+        out_j, out_c = [], []
         if len(close):
             d, k = tree.query(close * v)
             for i in np.argsort(-g_close):
                 if d[i] >= 0.4 * Rm:
-                    out_j.append(int(act_idx[k[i]]))
-                    out_u.append((close[i] - pos[act_idx[k[i]]]) * v)
+                    j = int(act_idx[k[i]])
+                    out_j.append(j)
+                    out_c.append(pair(j, (close[i] - pos[j]) * v))
         q = _quality(params, z2, geom)[act_idx]
         med = np.median(q)
         spread = 1.4826 * np.median(np.abs(q - med))
         rad = np.asarray(params.particles.radius)[act_idx]
         rmed = np.median(rad)
-        # (c) a radius pressed against its upper bound, or more than SPLIT_RADIUS prior
-        # stds above the median: the light of several particles taken by one (dark PERI
-        # seed 1: three touching particles fitted as one of radius 1.5 R)
-        fat = rad >= 0.98 * rhi
+        # (c) a radius pressed against its upper bound, FAT_RADIUS times the median or
+        # more than SPLIT_RADIUS prior stds above it: the light of several particles
+        # taken by one (dark PERI seed 1: three touching particles fitted as one of radius
+        # 1.5 R; seed 4: a void of four held by two)
+        fat = (rad >= 0.98 * rhi) | (rad >= FAT_RADIUS * rmed)
         if polydispersity is not None:
             fat |= rad > rmed * (1.0 + SPLIT_RADIUS * float(polydispersity))
         sel = np.flatnonzero(((q > med + SPLIT_QUALITY * spread) & (rad >= rmed)) | fat)
-        for i in sel[np.argsort(-q[sel])]:
+        # the largest first (a box takes one split: on dark PERI seed 4 a pair split by
+        # quality shut out the fat particle beside it), then by quality
+        for i in sel[np.lexsort((-q[sel], -np.where(fat[sel], rad[sel], 0.0)))]:
             j = int(act_idx[i])
-            u = _split_axis(resid, split_box(pos[j], Rm), pos[j], v, Rm, sign) \
-                if SPLIT_AXIS == "residual" else None
+            if fat[i]:  # how many; where is for split_moves, which knows the rivals
+                c = int(np.clip(math.floor((rad[i] / Rm) ** 3), 2, SPLIT_MAX))
+            else:
+                u = _split_axis(resid, split_box(pos[j], Rm), pos[j], v, Rm, sign) \
+                    if SPLIT_AXIS == "residual" else None
+                c = pair(j, np.asarray([1.0, 0.0, 0.0]) if u is None else u)
             out_j.append(j)
-            out_u.append(np.asarray([1.0, 0.0, 0.0]) if u is None else u)
-        return out_j, out_u
+            out_c.append(c)
+        return out_j, out_c
 
-    def split_moves(params, jj, dirs, act_idx, Rm, cand, amp0):
-        """Split moves: each proposed particle (``split_proposals``) is replaced by two
-        touching particles (radius Rm, the median amplitude each) a radius either side of
-        it along its line. One split per particle and per box, none of a particle whose
-        split did not pay before, none less than ``SPLIT_FACE_MARGIN`` radii from a face
-        (there the light of the particles beyond it, poorly fitted, paid for false
-        splits), none whose box holds another split's particle (boxes may overlap at their
-        edges: with disjoint boxes, dark PERI seed 1's merged pair was not tried), none
-        whose box holds more than one of the addition's candidates (``cand``,
-        ``amp0``: particles are missing there, and the addition goes first; a split that
-        competed with four took the place of three missing particles for a round). A
-        candidate in a split's box is claimed by it: the split competes with it
-        (``judge_splits``), so that it cannot take the credit for a missing particle the
-        addition would have put there. Returns
-        (params, splits made, the candidates claimed)."""
+    def fat_centres(params, j, k, resid, Rm):
+        """Where to put the ``k`` particles a fat particle ``j`` is split into: a k-means
+        of the light its neighbours leave unexplained (its own plus the residual) within
+        its radius and half the median of its centre (``_light_centres``); two along z if
+        there is none."""
+        p = params.particles
+        one = Params(Particles(p.pos[j][None], p.radius[j][None], p.amplitude[j][None]),
+                     params.psf, params.background)
+        own = np.asarray(render_parts(one, geom)[1])
+        pj = np.asarray(p.pos[j])
+        v = np.asarray(vs_eff)
+        c = _light_centres(sign * (np.asarray(resid) + own), split_box(pj, Rm), pj, v,
+                           float(p.radius[j]) + 0.5 * Rm, k)
+        if c is None:
+            step = Rm / v[0]
+            c = np.stack([pj - [step, 0, 0], pj + [step, 0, 0]])
+        return c
+
+    def split_moves(params, jj, centres, act_idx, Rm, cand, amp0, resid):
+        """Split moves: each proposed particle (``split_proposals``) is replaced by the
+        particles at its proposal's centres (radius Rm, the median amplitude each); a fat
+        one by as many as its proposal says plus the rivals in its box (below), where its
+        light says (``fat_centres``: the rivals' light is in the residual the k-means
+        sees; the state without the split gets the fat particle and its rivals, so the
+        split pays only for the particles its own volume holds). One split per particle
+        and per box, none of a particle whose split did not pay before, none less than
+        ``SPLIT_FACE_MARGIN`` radii from a face (there the light of the particles beyond
+        it, poorly fitted, paid for false splits), none whose box holds another split's
+        particle (boxes may overlap at their edges: with disjoint boxes, dark PERI seed
+        1's merged pair was not tried), none whose box holds more than one of the
+        addition's candidates (``cand``, ``amp0``: particles are missing there, and the
+        addition goes first; a split that competed with four took the place of three
+        missing particles for a round). A candidate in a split's box is claimed by it:
+        the split competes with it (``judge_splits``), so that it cannot take the credit
+        for a missing particle the addition would have put there. Returns (params, splits
+        made, the candidates claimed)."""
         v = np.asarray(vs_eff)
         pos = np.asarray(params.particles.pos)
         a = np.asarray(params.particles.amplitude)
         # not a particle the addition put in this round: unfitted, its misfit says
         # nothing of whether it is two (on dark PERI seed 1 one such was split, the split
         # judged even, and the particle, fitted, stayed between two true ones for good)
-        busy = {s["j"] for s in splits} | {s["k"] for s in splits} | no_split | fresh
+        busy = {s["j"] for s in splits} | {k for s in splits for k in s["ks"]} | no_split | fresh
 
         def in_box(pts, box):
             pts = np.asarray(pts, np.float64).reshape(-1, 3)
@@ -995,7 +1077,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         for sp in splits:
             claimed |= in_box(cand, sp["box"])
         made = 0
-        for j, u in zip(jj, dirs):
+        for j, c in zip(jj, centres):
             if j in busy or not _interior(pos[j][None], np.asarray(image.shape),
                                           SPLIT_FACE_MARGIN * Rm / v)[0]:
                 continue  # near a face, light from beyond it can pay for a false split
@@ -1007,34 +1089,34 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                 continue  # particles are missing here: the addition goes first
             claimed |= mine
             busy.add(j)
-            step = Rm * u / np.linalg.norm(u) / v  # voxels
-            params, (slot,) = free_slots(params, 1)
-            slot = int(slot)
-            busy.add(slot)
+            if np.isscalar(c):
+                c = fat_centres(params, j, int(c) + int(mine.sum()), resid, Rm)
+            params, ks = free_slots(params, len(c) - 1)
+            ks = [int(k) for k in ks]
+            busy.update(ks)
             old = (pos[j].copy(), float(params.particles.radius[j]), float(a[j]), anchor[j].copy())
-            pj, pk = (np.clip(pos[j] + s * step, plo, phi) for s in (-1.0, 1.0))
+            c = np.clip(np.asarray(c, np.float32), plo, phi)
+            idx = jnp.asarray([j] + ks)
             p = params.particles
             amp = np.sign(a[j]) * float(np.median(np.abs(a[act_idx])))
-            params = Params(Particles(p.pos.at[j].set(jnp.asarray(pj, jnp.float32))
-                                      .at[slot].set(jnp.asarray(pk, jnp.float32)),
-                                      p.radius.at[j].set(Rm).at[slot].set(Rm),
-                                      p.amplitude.at[j].set(amp).at[slot].set(amp)),
+            params = Params(Particles(p.pos.at[idx].set(jnp.asarray(c)), p.radius.at[idx].set(Rm),
+                                      p.amplitude.at[idx].set(amp)),
                             params.psf, params.background)
-            mask[slot] = 1.0
-            anchor[j], anchor[slot] = pj, pk
-            from_start[slot] = False
-            splits.append(dict(j=j, k=slot, old=old, box=box, rival=(cand[mine], amp0[mine], Rm)))
+            mask[ks] = 1.0
+            anchor[[j] + ks] = c
+            from_start[ks] = False
+            splits.append(dict(j=j, ks=ks, old=old, box=box, rival=(cand[mine], amp0[mine], Rm)))
             stats["splits_tried"] += 1
             made += 1
         return params, made, claimed
 
     def judge_splits(params):
         """Judge this round's splits against what the round would have done without
-        them: each split particle put back as it was, its partner gone, and the
+        them: each split particle put back as it was, its partners gone, and the
         addition's candidates it claimed (its rivals) added; that state gets the same joint
         fit as the state with the splits had. A split is kept only if the chi^2 in its
-        box, plus the penalty for each particle there, is lower with it (for a split with
-        no rival: lower by more than the penalty, the addition's rule; "chi^2" here is
+        box, plus the penalty for each particle there, is lower with it (for a split into
+        two with no rival: lower by more than the penalty, the addition's rule; "chi^2" here is
         -2 log likelihood, the log of each state's own noise variance included). A
         particle whose split did not pay, or that came from a kept split, is never split
         again."""
@@ -1062,9 +1144,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         for s in splits:
             pj, rj, aj, anc = s["old"]
             pos = pos.at[s["j"]].set(jnp.asarray(pj, jnp.float32))
-            rad, amp = rad.at[s["j"]].set(rj), amp.at[s["j"]].set(aj).at[s["k"]].set(0.0)
+            rad = rad.at[s["j"]].set(rj)
+            amp = amp.at[s["j"]].set(aj).at[jnp.asarray(s["ks"])].set(0.0)
             anchor[s["j"]] = anc
-            mask[s["k"]] = 0.0
+            mask[s["ks"]] = 0.0
         rev = Params(Particles(pos, rad, amp), rev.psf, rev.background)
         rev, hist = joint_fit(rev, weights(rev)[1])
         history.extend(hist)
@@ -1074,12 +1157,13 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         for s in splits:
             pen = float(penalty_at(s["old"][0][None])[0])
             gain = float(np.sum(z2_rev[s["box"]]) - np.sum(z2_split[s["box"]])) \
-                + pen * (len(s["slots"]) - 1)
+                + pen * (len(s["slots"]) - len(s["ks"]))
             ok = gain > 0
             keep.append(ok)
-            # where, the box's penalised chi^2 gain, rivals, kept
+            # where, the box's penalised chi^2 gain, rivals, particles split into, kept
             stats.setdefault("split_log", []).append(
-                (*np.round(s["old"][0], 2).tolist(), round(gain, 1), len(s["slots"]), bool(ok)))
+                (*np.round(s["old"][0], 2).tolist(), round(gain, 1), len(s["slots"]),
+                 1 + len(s["ks"]), bool(ok)))
             if not ok:
                 no_split.add(s["j"])
                 stats["added"] += len(s["slots"])
@@ -1087,13 +1171,13 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         stats["splits_kept"] += len(kept)
         # a kept pair is not split again: on dark PERI seed 1 the same place was split
         # twice, light the model does not explain paying for more particles there
-        no_split.update(i for s in kept for i in (s["j"], s["k"]))
+        no_split.update(i for s in kept for i in [s["j"]] + s["ks"])
         splits.clear()
         if not kept:
             return rev
         # the fitted state without the splits, with the kept pairs as the fit with them
         # left them and their rivals gone
-        idx = np.asarray([i for s in kept for i in (s["j"], s["k"])])
+        idx = np.asarray([i for s in kept for i in [s["j"]] + s["ks"]])
         gone = np.asarray([i for s in kept for i in s["slots"]], int)
         assert not set(idx.tolist()) & set(gone.tolist())
         mask[idx] = 1.0

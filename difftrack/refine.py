@@ -298,6 +298,11 @@ SPLIT_AXIS = "z"
 # a particle is split into as many whole particles as its volume holds, (R / median)^3
 # rounded down, 2 to ``SPLIT_MAX`` (``split_moves``)
 FAT_RADIUS = 1.3
+# ... and tried down to this many (median) radii from a face: seed 4's void lay 5.9-9.5
+# voxels (2-3 radii) from the bottom face, and with ``SPLIT_FACE_MARGIN`` its fat
+# particles were never split (recall 0.975; 0.989 with 1 radius). The false splits that
+# set that margin on the partial-volume stacks were by quality, not radius
+FAT_FACE_MARGIN = 1.0
 SPLIT_MAX = 4
 
 # experimental, off: refine's shape fits (after fit_shape's) hold the radii, which every
@@ -1078,8 +1083,9 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             claimed |= in_box(cand, sp["box"])
         made = 0
         for j, c in zip(jj, centres):
+            margin = FAT_FACE_MARGIN if np.isscalar(c) else SPLIT_FACE_MARGIN
             if j in busy or not _interior(pos[j][None], np.asarray(image.shape),
-                                          SPLIT_FACE_MARGIN * Rm / v)[0]:
+                                          margin * Rm / v)[0]:
                 continue  # near a face, light from beyond it can pay for a false split
             box = split_box(pos[j], Rm)
             if any(in_box(sp["old"][0], box)[0] for sp in splits):

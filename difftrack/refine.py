@@ -298,10 +298,12 @@ SPLIT_AXIS = "z"
 # a particle is split into as many whole particles as its volume holds, (R / median)^3
 # rounded down, 2 to ``SPLIT_MAX`` (``split_moves``)
 FAT_RADIUS = 1.3
-# ... and tried down to this many (median) radii from a face: seed 4's void lay 5.9-9.5
-# voxels (2-3 radii) from the bottom face, and with ``SPLIT_FACE_MARGIN`` its fat
-# particles were never split (recall 0.975; 0.989 with 1 radius). The false splits that
-# set that margin on the partial-volume stacks were by quality, not radius
+# ... and tried down to this many (median) radii from a face if FAT_RADIUS x the median:
+# seed 4's void lay 5.9-9.5 voxels (2-3 radii) from the bottom face, and with
+# ``SPLIT_FACE_MARGIN`` its fat particles were never split (recall 0.975; 0.989 with 1
+# radius). The false splits that set that margin on the partial-volume stacks were by
+# quality, not radius; one of a particle 1.05x the median (fat by a lowered
+# ``SPLIT_RADIUS``) was kept near a face of a toy stack (tests/test_refine.py)
 FAT_FACE_MARGIN = 1.0
 SPLIT_MAX = 4
 
@@ -1081,9 +1083,13 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         claimed = np.zeros(len(cand), bool)
         for sp in splits:
             claimed |= in_box(cand, sp["box"])
+        rmed = float(np.median(np.asarray(params.particles.radius)[act_idx]))
         made = 0
         for j, c in zip(jj, centres):
-            margin = FAT_FACE_MARGIN if np.isscalar(c) else SPLIT_FACE_MARGIN
+            # a radius FAT_RADIUS x the median is not light from beyond a face (fat by the
+            # prior or against its bound, a near-face split was kept on a toy stack)
+            fat = np.isscalar(c) and float(params.particles.radius[j]) >= FAT_RADIUS * rmed
+            margin = FAT_FACE_MARGIN if fat else SPLIT_FACE_MARGIN
             if j in busy or not _interior(pos[j][None], np.asarray(image.shape),
                                           margin * Rm / v)[0]:
                 continue  # near a face, light from beyond it can pay for a false split

@@ -290,8 +290,8 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
         (``PSF.log_grid``, held near 0 by a prior of ``GRID_PRIOR`` chi^2 per unit of
         log_grid^2): a second fit after the Gaussians' one; ignored when ``psf`` is
         given.
-    psf_depth : let the PSF's widths change linearly with depth (``PSF.with_depth``);
-        ignored when ``psf`` is given.
+    psf_depth : let the PSF's widths and asymmetry change linearly with depth
+        (``PSF.with_depth``); ignored when ``psf`` is given.
     tail_weight : the starting weight of the PSF's tails together, against 1 for its
         core (``PSF.init``; None: ``shape.TAIL_WEIGHT``, 0.15); ignored when ``psf`` is
         given. Below ~1% the tails are starved (softmax: their gradient vanishes

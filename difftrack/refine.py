@@ -231,6 +231,10 @@ def _as_tails(psf, reset, weights):
                                                               psf.depth_log_sigma_z))
         dxy[reset], dz[reset] = dxy[k0], dz[k0]
         out = dataclasses.replace(out, depth_log_sigma_xy=f32(dxy), depth_log_sigma_z=f32(dz))
+        if psf.depth_z_offset is not None:
+            dzo = np.asarray(psf.depth_z_offset, np.float64).copy()
+            dzo[reset] = dzo[k0]
+            out = dataclasses.replace(out, depth_z_offset=f32(dzo))
     return out
 
 
@@ -643,8 +647,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         on stacks whose PSF is a sum of Gaussians it changed little (docs/refine.md,
         fourteenth session). It costs time: 20-40% in the ninth session's runs, which
         also fitted it in a second stage of ``fit_shape``; not measured since.
-    psf_depth : let the PSF's widths change with depth (``fit_shape``'s ``psf_depth``;
-        ignored when ``psf`` is given).
+    psf_depth : let the PSF's widths and asymmetry change with depth (``fit_shape``'s
+        ``psf_depth``; ignored when ``psf`` is given).
     split : split moves, from the second round on: a particle that may be two merged
         into one (z neighbours under an elongated PSF; a residual peak too close to it for
         the addition, light it does not explain, or a radius implausibly large), at least

@@ -148,9 +148,12 @@ class PSF:
         the stack's first z slice, +1 at its last): the PSF of a real confocal widens
         with depth (spherical aberration of the index mismatch). The PSF at depth t is
         the kernels at the two faces (t = -1, +1) mixed linearly, ``kernel``'s
-        ``depth``; the renderer applies it so (``render.blur``). Widths only: a change
-        of the light's centre with depth would be a z scaling of the centres, which no
-        fit of the light can tell from it. ``with_depth`` adds them.
+        ``depth``; the renderer applies it so (``render.blur``). ``with_depth`` adds them.
+      depth_z_offset: None, or (K,): how each component's axial offset changes with depth
+        (per unit of t), less the mixture's mean change: the shape's asymmetry changes
+        with depth (a confocal PSF's spherical aberration grows with depth), its centroid
+        does not (a change of the light's centre with depth would be a z scaling of the
+        centres, which no fit of the light can tell from it). ``with_depth`` adds it.
     """
 
     log_sigma_xy: jax.Array
@@ -160,6 +163,7 @@ class PSF:
     log_grid: jax.Array | None = None
     depth_log_sigma_xy: jax.Array | None = None
     depth_log_sigma_z: jax.Array | None = None
+    depth_z_offset: jax.Array | None = None
 
     @staticmethod
     def init(sigma_xy, sigma_z, n_components=3, tail_weight=None):
@@ -201,14 +205,18 @@ class PSF:
     def with_depth(self):
         """This PSF with widths that may change with depth (zero change to start)."""
         z = jnp.zeros_like(self.log_sigma_xy)
-        return dataclasses.replace(self, depth_log_sigma_xy=z, depth_log_sigma_z=z)
+        return dataclasses.replace(self, depth_log_sigma_xy=z, depth_log_sigma_z=z, depth_z_offset=z)
 
     def at_face(self, t):
         """The depth-free PSF of the face at normalised depth ``t`` (-1 or +1)."""
+        z_offset = self.z_offset
+        if self.depth_z_offset is not None:  # the shape's asymmetry, its centroid held
+            d = self.depth_z_offset
+            z_offset = z_offset + t * (d - jnp.sum(self.weights * d))
         return dataclasses.replace(
             self, log_sigma_xy=self.log_sigma_xy + t * self.depth_log_sigma_xy,
-            log_sigma_z=self.log_sigma_z + t * self.depth_log_sigma_z,
-            depth_log_sigma_xy=None, depth_log_sigma_z=None)
+            log_sigma_z=self.log_sigma_z + t * self.depth_log_sigma_z, z_offset=z_offset,
+            depth_log_sigma_xy=None, depth_log_sigma_z=None, depth_z_offset=None)
 
     def kernel(self, voxel_size, halfwidth, depth=0.0):
         """The PSF sampled on a voxel grid of half-widths ``halfwidth`` (z, y, x), normalised

@@ -205,7 +205,8 @@ class PSF:
     def with_depth(self):
         """This PSF with widths that may change with depth (zero change to start)."""
         z = jnp.zeros_like(self.log_sigma_xy)
-        return dataclasses.replace(self, depth_log_sigma_xy=z, depth_log_sigma_z=z, depth_z_offset=z)
+        return dataclasses.replace(self, depth_log_sigma_xy=z, depth_log_sigma_z=z,
+                                   depth_z_offset=z)
 
     def at_face(self, t):
         """The depth-free PSF of the face at normalised depth ``t`` (-1 or +1)."""

@@ -451,10 +451,12 @@ def test_starved_psf_components_are_revived():
     np.testing.assert_allclose(q.log_sigma_xy[:2], two.log_sigma_xy[:2])
     # widths that change with depth: the revived tail changes as the strongest component
     deep = dataclasses.replace(starved.with_depth(), depth_log_sigma_xy=jnp.asarray([0.1, -0.5, 0.7]),
-                               depth_log_sigma_z=jnp.asarray([0.2, 0.9, -0.3]))
+                               depth_log_sigma_z=jnp.asarray([0.2, 0.9, -0.3]),
+                               depth_z_offset=jnp.asarray([0.05, -0.4, 0.3]))
     d = _revive_components(deep)
     np.testing.assert_allclose(d.depth_log_sigma_xy, [0.1, 0.1, 0.1], rtol=1e-6)
     np.testing.assert_allclose(d.depth_log_sigma_z, [0.2, 0.2, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(d.depth_z_offset, [0.05, 0.05, 0.05], rtol=1e-6)
     np.testing.assert_allclose(d.weights, p.weights, rtol=1e-6)
 
 

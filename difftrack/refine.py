@@ -13,8 +13,11 @@ The loop (``refine_positions``):
    weighted least-squares fit of positions, radii, amplitudes and background (L-BFGS,
    PSF held; a hard-sphere overlap penalty keeps particles from merging); removal of
    particles whose light does not pay (chi^2 gain below the penalty), that overlap a
-   neighbour beyond what hard spheres allow, or whose amplitude is implausible.
-   Until a round neither adds nor removes.
+   neighbour beyond what hard spheres allow, or whose amplitude is implausible. From the
+   second round, split moves: a particle that may be several merged into one (a residual
+   peak too close to it, light it does not explain, a radius too large) is replaced by
+   two or more, kept only if that pays against the same round without it
+   (``judge_splits``). Until a round neither adds nor removes.
 4. Per-particle sigma_z, sigma_y, sigma_x from the Fisher information of the fitted model
    (each particle's position, amplitude and radius, with those of its most strongly
    coupled neighbours free too: ``fisher.coupled_covariance``), and a fit quality (local
@@ -360,17 +363,20 @@ def _light_centres(light, box, centre, v, reach, k, restarts=8, seed=0):
     X, w = X[near] * np.asarray(v, np.float64), w[near]  # physical units
     if len(w) < k:
         return None
+    def sqd(c):  # squared distance of every voxel to every centre
+        return ((X[:, None] - c[None]) ** 2).sum(-1)
+
     rng = np.random.default_rng(seed)
     best, best_cost = None, np.inf
     for _ in range(restarts):
         c = X[[rng.choice(len(X), p=w / w.sum())]]
         while len(c) < k:  # k-means++: the next start where the light lies far from them
-            d2 = np.min(((X[:, None] - c[None]) ** 2).sum(-1), axis=1) * w
+            d2 = np.min(sqd(c), axis=1) * w
             if d2.sum() <= 0:
                 return None
             c = np.vstack([c, X[rng.choice(len(X), p=d2 / d2.sum())]])
         for _ in range(50):
-            lab = np.argmin(((X[:, None] - c[None]) ** 2).sum(-1), axis=1)
+            lab = np.argmin(sqd(c), axis=1)
             new = np.stack([(w[lab == i] @ X[lab == i]) / w[lab == i].sum()
                             if w[lab == i].sum() > 0 else c[i] for i in range(k)])
             if np.allclose(new, c, atol=1e-4):
@@ -941,10 +947,10 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         cand, amp0 = cand[ok], amp0[ok]
         n_split = 0
         if split and act.any():
-            jj, centres = split_proposals(params, close, g_close, tree, np.flatnonzero(act),
-                                       w * r * r, r, Rm)
-            params, n_split, claimed = split_moves(params, jj, centres, np.flatnonzero(act), Rm,
-                                                   cand, amp0, r)
+            jj, centres, margins = split_proposals(params, close, g_close, tree,
+                                                   np.flatnonzero(act), w * r * r, r, Rm)
+            params, n_split, claimed = split_moves(params, jj, centres, margins,
+                                                   np.flatnonzero(act), Rm, cand, amp0, r)
             cand, amp0 = cand[~claimed], amp0[~claimed]
         if len(cand) == 0:
             return params, n_split
@@ -976,6 +982,12 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         hi = np.minimum(np.ceil(p + h).astype(int) + 1, image.shape)
         return tuple(slice(a, b) for a, b in zip(lo, hi))
 
+    def pair(p, u, Rm):
+        """Two touching particles (voxels) a radius ``Rm`` either side of ``p`` along ``u``
+        (physical units)."""
+        step = Rm * u / np.linalg.norm(u) / np.asarray(vs_eff)
+        return np.stack([p - step, p + step])
+
     def split_proposals(params, close, g_close, tree, act_idx, z2, resid, Rm):
         """Particles that may be several merged into one, strongest sign first, with the
         centres (voxels) of the particles to split each into: (a) those with a residual
@@ -990,22 +1002,20 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         as their volume holds (2 to ``SPLIT_MAX``) at the centres of a k-means of the
         light their neighbours leave unexplained (``_light_centres``; along z if it finds
         none). Every pair is two touching particles a median radius either side of the
-        particle's centre. Returns (slots, centres: for a fat particle, how many)."""
+        particle's centre. A particle ``FAT_RADIUS`` x the median is tried down to
+        ``FAT_FACE_MARGIN`` radii from a face, every other one ``SPLIT_FACE_MARGIN``.
+        Returns (slots, centres: for a fat particle, how many; face margins)."""
         v = np.asarray(vs_eff)
         pos = np.asarray(params.particles.pos)
-
-        def pair(j, u):
-            step = Rm * u / np.linalg.norm(u) / v  # voxels
-            return np.stack([pos[j] - step, pos[j] + step])
-
-        out_j, out_c = [], []
+        out_j, out_c, out_m = [], [], []
         if len(close):
             d, k = tree.query(close * v)
             for i in np.argsort(-g_close):
                 if d[i] >= 0.4 * Rm:
                     j = int(act_idx[k[i]])
                     out_j.append(j)
-                    out_c.append(pair(j, (close[i] - pos[j]) * v))
+                    out_c.append(pair(pos[j], (close[i] - pos[j]) * v, Rm))
+                    out_m.append(SPLIT_FACE_MARGIN)
         q = _quality(params, z2, geom)[act_idx]
         med = np.median(q)
         spread = 1.4826 * np.median(np.abs(q - med))
@@ -1015,7 +1025,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         # more than SPLIT_RADIUS prior stds above it: the light of several particles
         # taken by one (dark PERI seed 1: three touching particles fitted as one of radius
         # 1.5 R; seed 4: a void of four held by two)
-        fat = (rad >= 0.98 * rhi) | (rad >= FAT_RADIUS * rmed)
+        very = rad >= FAT_RADIUS * rmed
+        fat = (rad >= 0.98 * rhi) | very
         if polydispersity is not None:
             fat |= rad > rmed * (1.0 + SPLIT_RADIUS * float(polydispersity))
         sel = np.flatnonzero(((q > med + SPLIT_QUALITY * spread) & (rad >= rmed)) | fat)
@@ -1028,10 +1039,13 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
             else:
                 u = _split_axis(resid, split_box(pos[j], Rm), pos[j], v, Rm, sign) \
                     if SPLIT_AXIS == "residual" else None
-                c = pair(j, np.asarray([1.0, 0.0, 0.0]) if u is None else u)
+                c = pair(pos[j], np.asarray([1.0, 0.0, 0.0]) if u is None else u, Rm)
             out_j.append(j)
             out_c.append(c)
-        return out_j, out_c
+            # a radius FAT_RADIUS x the median is not light from beyond a face (fat by the
+            # prior or against its bound, a near-face split was kept on a toy stack)
+            out_m.append(FAT_FACE_MARGIN if very[i] else SPLIT_FACE_MARGIN)
+        return out_j, out_c, out_m
 
     def fat_centres(params, j, k, resid, Rm):
         """Where to put the ``k`` particles a fat particle ``j`` is split into: a k-means
@@ -1046,12 +1060,9 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         v = np.asarray(vs_eff)
         c = _light_centres(sign * (np.asarray(resid) + own), split_box(pj, Rm), pj, v,
                            float(p.radius[j]) + 0.5 * Rm, k)
-        if c is None:
-            step = Rm / v[0]
-            c = np.stack([pj - [step, 0, 0], pj + [step, 0, 0]])
-        return c
+        return pair(pj, np.asarray([1.0, 0.0, 0.0]), Rm) if c is None else c
 
-    def split_moves(params, jj, centres, act_idx, Rm, cand, amp0, resid):
+    def split_moves(params, jj, centres, margins, act_idx, Rm, cand, amp0, resid):
         """Split moves: each proposed particle (``split_proposals``) is replaced by the
         particles at its proposal's centres (radius Rm, the median amplitude each); a fat
         one by as many as its proposal says plus the rivals in its box (below), where its
@@ -1059,8 +1070,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         sees; the state without the split gets the fat particle and its rivals, so the
         split pays only for the particles its own volume holds). One split per particle
         and per box, none of a particle whose split did not pay before, none less than
-        ``SPLIT_FACE_MARGIN`` radii from a face (there the light of the particles beyond
-        it, poorly fitted, paid for false splits), none whose box holds another split's
+        its proposal's margin (radii) from a face (there the light of the particles
+        beyond it, poorly fitted, paid for false splits), none whose box holds another split's
         particle (boxes may overlap at their edges: with disjoint boxes, dark PERI seed
         1's merged pair was not tried), none whose box holds more than one of the
         addition's candidates (``cand``, ``amp0``: particles are missing there, and the
@@ -1087,13 +1098,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         claimed = np.zeros(len(cand), bool)
         for sp in splits:
             claimed |= in_box(cand, sp["box"])
-        rmed = float(np.median(np.asarray(params.particles.radius)[act_idx]))
         made = 0
-        for j, c in zip(jj, centres):
-            # a radius FAT_RADIUS x the median is not light from beyond a face (fat by the
-            # prior or against its bound, a near-face split was kept on a toy stack)
-            fat = np.isscalar(c) and float(params.particles.radius[j]) >= FAT_RADIUS * rmed
-            margin = FAT_FACE_MARGIN if fat else SPLIT_FACE_MARGIN
+        for j, c, margin in zip(jj, centres, margins):
             if j in busy or not _interior(pos[j][None], np.asarray(image.shape),
                                           margin * Rm / v)[0]:
                 continue  # near a face, light from beyond it can pay for a false split

@@ -290,8 +290,9 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
         (``PSF.log_grid``, held near 0 by a prior of ``GRID_PRIOR`` chi^2 per unit of
         log_grid^2): a second fit after the Gaussians' one; ignored when ``psf`` is
         given.
-    psf_depth : let the PSF's widths and asymmetry change linearly with depth
-        (``PSF.with_depth``); ignored when ``psf`` is given.
+    psf_depth : let the PSF change linearly with depth (``PSF.with_depth``): True its
+        widths and its asymmetry, ``"asymmetry"`` the asymmetry alone (each component's
+        axial offset, the centroid held), False neither; ignored when ``psf`` is given.
     tail_weight : the starting weight of the PSF's tails together, against 1 for its
         core (``PSF.init``; None: ``shape.TAIL_WEIGHT``, 0.15); ignored when ``psf`` is
         given. Below ~1% the tails are starved (softmax: their gradient vanishes
@@ -329,8 +330,10 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
         sxy, sz = default_psf_sigmas(vs_eff, elongation)
         sxy = max(sxy, 0.2 * radius)
         psf = PSF.init(sxy, elongation * sxy, n_components, tail_weight)
+        if psf_depth not in (False, True, "asymmetry"):
+            raise ValueError(f"psf_depth must be False, True or 'asymmetry'; got {psf_depth!r}")
         if psf_depth:
-            psf = psf.with_depth()
+            psf = psf.with_depth(widths=psf_depth is True)
     geom = make_geometry(image.shape, vs_eff, radius, psf)
     pos_j = jnp.asarray(pos, jnp.float32)
     if isinstance(border, str):

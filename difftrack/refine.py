@@ -229,15 +229,11 @@ def _as_tails(psf, reset, weights):
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     out = dataclasses.replace(psf, log_sigma_xy=f32(lxy), log_sigma_z=f32(lz), z_offset=f32(off),
                               logit_weight=f32(np.log(weights)))
-    if psf.has_depth:
-        dxy, dz = (np.asarray(a, np.float64).copy() for a in (psf.depth_log_sigma_xy,
-                                                              psf.depth_log_sigma_z))
-        dxy[reset], dz[reset] = dxy[k0], dz[k0]
-        out = dataclasses.replace(out, depth_log_sigma_xy=f32(dxy), depth_log_sigma_z=f32(dz))
-        if psf.depth_z_offset is not None:
-            dzo = np.asarray(psf.depth_z_offset, np.float64).copy()
-            dzo[reset] = dzo[k0]
-            out = dataclasses.replace(out, depth_z_offset=f32(dzo))
+    for name in ("depth_log_sigma_xy", "depth_log_sigma_z", "depth_z_offset"):
+        if getattr(psf, name) is not None:
+            d = np.asarray(getattr(psf, name), np.float64).copy()
+            d[reset] = d[k0]
+            out = dataclasses.replace(out, **{name: f32(d)})
     return out
 
 
@@ -653,8 +649,9 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         on stacks whose PSF is a sum of Gaussians it changed little (docs/refine.md,
         fourteenth session). It costs time: 20-40% in the ninth session's runs, which
         also fitted it in a second stage of ``fit_shape``; not measured since.
-    psf_depth : let the PSF's widths and asymmetry change with depth (``fit_shape``'s
-        ``psf_depth``; ignored when ``psf`` is given).
+    psf_depth : let the PSF change with depth (``fit_shape``'s ``psf_depth``: True its
+        widths and asymmetry, ``"asymmetry"`` the asymmetry alone; ignored when ``psf``
+        is given).
     split : split moves, from the second round on: a particle that may be two merged
         into one (z neighbours under an elongated PSF; a residual peak too close to it for
         the addition, light it does not explain, or a radius implausibly large), at least

@@ -200,23 +200,27 @@ class PSF:
 
     @property
     def has_depth(self):
-        return self.depth_log_sigma_xy is not None
+        """Whether the PSF changes with depth (its widths, its asymmetry or both)."""
+        return self.depth_log_sigma_xy is not None or self.depth_z_offset is not None
 
-    def with_depth(self):
-        """This PSF with widths that may change with depth (zero change to start)."""
+    def with_depth(self, widths=True, asymmetry=True):
+        """This PSF with widths (``widths``) and an asymmetry (``asymmetry``) that may change
+        with depth (zero change to start); the part not asked for stays None, fixed."""
         z = jnp.zeros_like(self.log_sigma_xy)
-        return dataclasses.replace(self, depth_log_sigma_xy=z, depth_log_sigma_z=z,
-                                   depth_z_offset=z)
+        return dataclasses.replace(self, depth_log_sigma_xy=z if widths else None,
+                                   depth_log_sigma_z=z if widths else None,
+                                   depth_z_offset=z if asymmetry else None)
 
     def at_face(self, t):
         """The depth-free PSF of the face at normalised depth ``t`` (-1 or +1)."""
-        z_offset = self.z_offset
+        lxy, lz, z_offset = self.log_sigma_xy, self.log_sigma_z, self.z_offset
+        if self.depth_log_sigma_xy is not None:
+            lxy, lz = lxy + t * self.depth_log_sigma_xy, lz + t * self.depth_log_sigma_z
         if self.depth_z_offset is not None:  # the shape's asymmetry, its centroid held
             d = self.depth_z_offset
             z_offset = z_offset + t * (d - jnp.sum(self.weights * d))
         return dataclasses.replace(
-            self, log_sigma_xy=self.log_sigma_xy + t * self.depth_log_sigma_xy,
-            log_sigma_z=self.log_sigma_z + t * self.depth_log_sigma_z, z_offset=z_offset,
+            self, log_sigma_xy=lxy, log_sigma_z=lz, z_offset=z_offset,
             depth_log_sigma_xy=None, depth_log_sigma_z=None, depth_z_offset=None)
 
     def kernel(self, voxel_size, halfwidth, depth=0.0):
@@ -254,7 +258,7 @@ class PSF:
         face where that component is widest, so that no depth's core is cut."""
         k = int(np.argmax(np.asarray(self.weights)))
         lz, lxy = float(np.asarray(self.log_sigma_z)[k]), float(np.asarray(self.log_sigma_xy)[k])
-        if self.has_depth:  # log widths change by +-depth_log_sigma from the middle to the faces
+        if self.depth_log_sigma_xy is not None:  # log widths change by +-depth_log_sigma
             lz += abs(float(np.asarray(self.depth_log_sigma_z)[k]))
             lxy += abs(float(np.asarray(self.depth_log_sigma_xy)[k]))
         sz = math.exp(lz) * reach + abs(float(np.asarray(self.z_offset)[k]))

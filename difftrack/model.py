@@ -302,6 +302,8 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
     -------
     Model, with ``.model_image()`` in the units of ``image``.
     """
+    if psf_depth not in (False, True, "asymmetry"):
+        raise ValueError(f"psf_depth must be False, True or 'asymmetry'; got {psf_depth!r}")
     image = check_stack(image)
     vs = check_voxel_size(voxel_size)
     vs_eff = vs if vs is not None else (1.0, 1.0, 1.0)
@@ -330,8 +332,6 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
         sxy, sz = default_psf_sigmas(vs_eff, elongation)
         sxy = max(sxy, 0.2 * radius)
         psf = PSF.init(sxy, elongation * sxy, n_components, tail_weight)
-        if psf_depth not in (False, True, "asymmetry"):
-            raise ValueError(f"psf_depth must be False, True or 'asymmetry'; got {psf_depth!r}")
         if psf_depth:
             psf = psf.with_depth(widths=psf_depth is True)
     geom = make_geometry(image.shape, vs_eff, radius, psf)

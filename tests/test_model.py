@@ -217,10 +217,13 @@ def test_psf_grid_learns_what_three_gaussians_cannot():
     assert grid.loss < 0.98 * plain.loss
 
 
-def test_psf_depth_changes_the_shape_not_the_centre():
+@pytest.mark.parametrize("widths", [True, False])
+def test_psf_depth_changes_the_shape_not_the_centre(widths):
     """``depth_z_offset`` moves the components' axial offsets against each other with
     depth (the asymmetry of a PSF aberrated more at depth), the mixture's mean held: the
-    two faces' PSFs differ in shape, and their first moment along z is the middle's."""
+    two faces' PSFs differ in shape, and their first moment along z is the middle's.
+    With ``widths=False`` (``psf_depth="asymmetry"``) the widths are the same at every
+    depth."""
     import dataclasses
 
     import jax.numpy as jnp
@@ -228,7 +231,8 @@ def test_psf_depth_changes_the_shape_not_the_centre():
     from difftrack.simulate import default_psf
 
     vs = (0.2, 0.1, 0.1)
-    base = default_psf(vs, 0.4).with_depth()
+    base = default_psf(vs, 0.4).with_depth(widths=widths)
+    assert base.has_depth and (base.depth_log_sigma_z is None) == (not widths)
     d = np.array([0.3, -0.3, 0.2])[: base.weights.shape[0]]
     psf = dataclasses.replace(base, depth_z_offset=jnp.asarray(d, jnp.float32))
     half = (12, 4, 4)
@@ -241,6 +245,14 @@ def test_psf_depth_changes_the_shape_not_the_centre():
     lo, hi = (np.asarray(psf.kernel(vs, half, depth=t)) for t in (-1.0, 1.0))
     assert np.abs(lo - hi).max() > 0.05 * hi.max()  # another shape
     assert psf.at_face(1.0).depth_z_offset is None and not psf.at_face(1.0).has_depth
+    if not widths:
+        for t in (-1.0, 1.0):
+            assert np.array_equal(np.asarray(psf.at_face(t).log_sigma_z), np.asarray(base.log_sigma_z))
+
+
+def test_psf_depth_takes_only_the_documented_values():
+    with pytest.raises(ValueError, match="psf_depth"):
+        fit_shape(np.zeros((8, 8, 8), np.float32), [[4.0, 4.0, 4.0]], radius=2.0, psf_depth="widths")
 
 
 def test_psf_depth_learns_a_psf_that_widens_with_depth():

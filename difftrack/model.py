@@ -142,7 +142,7 @@ def make_geometry(shape, voxel_size, radius, psf: PSF, *, bg_degree=(2, 2, 2),
     """Layout with room for radii up to 1.35 R and PSF components up to 3.5 of their
     initial std."""
     sz = float(np.max(np.exp(np.asarray(psf.log_sigma_z)) + np.abs(np.asarray(psf.z_offset))))
-    sxy = float(np.max(np.exp(np.asarray(psf.log_sigma_xy))))
+    sxy = float(np.max(np.asarray(psf.lateral_sigmas())))
     return Geometry.make(shape, voxel_size, max_radius=1.35 * radius,
                          psf_extent=(3.5 * sz, 3.5 * sxy),
                          bg_degree=bg_degree, illum_degree=illum_degree)
@@ -264,7 +264,7 @@ def initial_params(data_n, pos, geom: Geometry, *, radius, sign, psf: PSF, weigh
 
 def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", steps=300,
               n_components=3, elongation=2.5, border="auto", progress=False, psf=None,
-              psf_grid=False, psf_depth=False, tail_weight=None) -> Model:
+              psf_grid=False, psf_depth=False, psf_aspect=False, tail_weight=None) -> Model:
     """Learn the particle shape S, radii, amplitudes and background with positions held.
 
     Parameters
@@ -293,6 +293,9 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
     psf_depth : let the PSF change linearly with depth (``PSF.with_depth``): True its
         widths and its asymmetry, ``"asymmetry"`` the asymmetry alone (each component's
         axial offset, the centroid held), False neither; ignored when ``psf`` is given.
+    psf_aspect : let each PSF component's lateral widths differ between y and x
+        (``PSF.with_aspect``; a line-scan confocal's PSF is elliptic); ignored when
+        ``psf`` is given.
     tail_weight : the starting weight of the PSF's tails together, against 1 for its
         core (``PSF.init``; None: ``shape.TAIL_WEIGHT``, 0.15); ignored when ``psf`` is
         given. Below ~1% the tails are starved (softmax: their gradient vanishes
@@ -326,7 +329,7 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
     if hold_psf:
         if not isinstance(psf, PSF):
             raise TypeError(f"psf must be a difftrack.shape.PSF (e.g. model.psf); got {type(psf).__name__}")
-        sxy = float(np.max(np.exp(np.asarray(psf.log_sigma_xy))))
+        sxy = float(np.max(np.asarray(psf.lateral_sigmas())))
         elongation = float(np.max(np.exp(np.asarray(psf.log_sigma_z)))) / sxy
     else:
         sxy, sz = default_psf_sigmas(vs_eff, elongation)
@@ -334,6 +337,8 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
         psf = PSF.init(sxy, elongation * sxy, n_components, tail_weight)
         if psf_depth:
             psf = psf.with_depth(widths=psf_depth is True)
+        if psf_aspect:
+            psf = psf.with_aspect()
     geom = make_geometry(image.shape, vs_eff, radius, psf)
     pos_j = jnp.asarray(pos, jnp.float32)
     if isinstance(border, str):

@@ -229,7 +229,7 @@ def _as_tails(psf, reset, weights):
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     out = dataclasses.replace(psf, log_sigma_xy=f32(lxy), log_sigma_z=f32(lz), z_offset=f32(off),
                               logit_weight=f32(np.log(weights)))
-    for name in ("depth_log_sigma_xy", "depth_log_sigma_z", "depth_z_offset"):
+    for name in ("depth_log_sigma_xy", "depth_log_sigma_z", "depth_z_offset", "log_aspect"):
         if getattr(psf, name) is not None:
             d = np.asarray(getattr(psf, name), np.float64).copy()
             d[reset] = d[k0]
@@ -594,7 +594,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                      max_rounds=6, steps=150, shape_steps=150, xtol=0.02, penalty=None, overlap=0.7,
                      noise=None, polish=2, min_amplitude=0.4, polydispersity=0.1, add_passes=3,
                      max_move=1.0, gauge=True, neighbours=12, progress=False, verbose=False,
-                     psf=None, psf_grid=True, psf_depth=False,
+                     psf=None, psf_grid=True, psf_depth=False, psf_aspect=False,
                      outside_penalty=OUTSIDE_PENALTY, split=True) -> RefineResult:
     """Refine rough centres to the best positions the light allows, add the missed
     particles, remove the spurious ones, and give per-particle uncertainties.
@@ -652,6 +652,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     psf_depth : let the PSF change with depth (``fit_shape``'s ``psf_depth``: True its
         widths and asymmetry, ``"asymmetry"`` the asymmetry alone; ignored when ``psf``
         is given).
+    psf_aspect : let each PSF component's lateral widths differ between y and x
+        (``fit_shape``'s ``psf_aspect``; ignored when ``psf`` is given).
     split : split moves, from the second round on: a particle that may be two merged
         into one (z neighbours under an elongated PSF; a residual peak too close to it for
         the addition, light it does not explain, or a radius implausibly large), at least
@@ -683,7 +685,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         t_first = time.perf_counter()
         shape_model = fit_shape(image, pos0, voxel_size=vs, radius=radius, invert=invert,
                                 steps=shape_steps, psf=psf, psf_depth=psf_depth,
-                                tail_weight=FIRST_TAIL_WEIGHT)
+                                psf_aspect=psf_aspect, tail_weight=FIRST_TAIL_WEIGHT)
         t_first = time.perf_counter() - t_first
     except BorderError as e:  # the same error, with advice that refine can take
         raise BorderError(e.n, e.border, "Give at least one starting position farther "

@@ -154,6 +154,10 @@ class PSF:
         with depth (a confocal PSF's spherical aberration grows with depth), its centroid
         does not (a change of the light's centre with depth would be a z scaling of the
         centres, which no fit of the light can tell from it). ``with_depth`` adds it.
+      log_aspect: None, or (K,): each component's lateral widths are sigma_xy exp(-a)
+        along y and sigma_xy exp(+a) along x (a laterally elliptic PSF, e.g. a line-scan
+        confocal's: on PERI's exact line-scan model the light is 1.6-1.9x wider along x
+        than along y; docs/refine.md, twenty-eighth session). ``with_aspect`` adds it.
     """
 
     log_sigma_xy: jax.Array
@@ -164,6 +168,7 @@ class PSF:
     depth_log_sigma_xy: jax.Array | None = None
     depth_log_sigma_z: jax.Array | None = None
     depth_z_offset: jax.Array | None = None
+    log_aspect: jax.Array | None = None
 
     @staticmethod
     def init(sigma_xy, sigma_z, n_components=3, tail_weight=None):
@@ -189,14 +194,26 @@ class PSF:
     def evaluate(self, dz, dy, dx):
         """PSF density at physical offsets (arrays broadcast); integrates to 1."""
         w = self.weights
-        sxy = jnp.exp(self.log_sigma_xy)
+        sy, sx = self.lateral_sigmas()
         sz = jnp.exp(self.log_sigma_z)
         out = 0.0
         for k in range(w.shape[0]):
             gz = jnp.exp(-0.5 * ((dz - self.z_offset[k]) / sz[k]) ** 2) / (_SQRT2PI * sz[k])
-            gxy = jnp.exp(-0.5 * (dy * dy + dx * dx) / sxy[k] ** 2) / (2 * math.pi * sxy[k] ** 2)
+            gxy = (jnp.exp(-0.5 * (dy * dy / sy[k] ** 2 + dx * dx / sx[k] ** 2))
+                   / (2 * math.pi * sy[k] * sx[k]))
             out = out + w[k] * gz * gxy
         return out
+
+    def lateral_sigmas(self):
+        """Each component's std along y and along x, (K,) each (``log_aspect``)."""
+        sxy = jnp.exp(self.log_sigma_xy)
+        if self.log_aspect is None:
+            return sxy, sxy
+        return sxy * jnp.exp(-self.log_aspect), sxy * jnp.exp(self.log_aspect)
+
+    def with_aspect(self):
+        """This PSF with lateral widths that may differ between y and x (round to start)."""
+        return dataclasses.replace(self, log_aspect=jnp.zeros_like(self.log_sigma_xy))
 
     @property
     def has_depth(self):
@@ -261,10 +278,11 @@ class PSF:
         if self.depth_log_sigma_xy is not None:  # log widths change by +-depth_log_sigma
             lz += abs(float(np.asarray(self.depth_log_sigma_z)[k]))
             lxy += abs(float(np.asarray(self.depth_log_sigma_xy)[k]))
+        a = 0.0 if self.log_aspect is None else float(np.asarray(self.log_aspect)[k])
         sz = math.exp(lz) * reach + abs(float(np.asarray(self.z_offset)[k]))
-        sxy = math.exp(lxy) * reach
+        sy, sx = math.exp(lxy - a) * reach, math.exp(lxy + a) * reach
         return tuple(min(int(h), max(1, int(math.ceil(e / v))))
-                     for h, e, v in zip(kernel_half, (sz, sxy, sxy), voxel_size))
+                     for h, e, v in zip(kernel_half, (sz, sy, sx), voxel_size))
 
     def shifted_z(self, dz, vz):
         """The PSF moved by ``dz`` (physical) along z; ``vz`` is the z voxel size. Exact for

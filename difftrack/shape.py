@@ -125,6 +125,12 @@ def voxel_ball_derivatives(dz, dy, dx, R, voxel_size):
 # PSF.init's tails, together, against 1 for the core
 TAIL_WEIGHT = 0.15
 
+# The most a PSF component's lateral ellipse may differ between x and y (``PSF.log_aspect``,
+# taken there smoothly by a tanh). PERI's exact line-scan model gives 1.6-1.9; on the real
+# katherine.tiff an unbounded fit turned a tail into a 25:1 streak (line noise, not light
+# through a lens; twenty-eighth session).
+MAX_ASPECT = 3.0
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -205,11 +211,14 @@ class PSF:
         return out
 
     def lateral_sigmas(self):
-        """Each component's std along y and along x, (K,) each (``log_aspect``)."""
+        """Each component's std along y and along x, (K,) each (``log_aspect``, taken
+        smoothly to at most ``MAX_ASPECT`` in ratio)."""
         sxy = jnp.exp(self.log_sigma_xy)
         if self.log_aspect is None:
             return sxy, sxy
-        return sxy * jnp.exp(-self.log_aspect), sxy * jnp.exp(self.log_aspect)
+        cap = 0.5 * math.log(MAX_ASPECT)
+        a = cap * jnp.tanh(self.log_aspect / cap)
+        return sxy * jnp.exp(-a), sxy * jnp.exp(a)
 
     def with_aspect(self):
         """This PSF with lateral widths that may differ between y and x (round to start)."""
@@ -278,7 +287,8 @@ class PSF:
         if self.depth_log_sigma_xy is not None:  # log widths change by +-depth_log_sigma
             lz += abs(float(np.asarray(self.depth_log_sigma_z)[k]))
             lxy += abs(float(np.asarray(self.depth_log_sigma_xy)[k]))
-        a = 0.0 if self.log_aspect is None else float(np.asarray(self.log_aspect)[k])
+        sy_, sx_ = (np.asarray(q, np.float64) for q in self.lateral_sigmas())
+        a = 0.5 * math.log(sx_[k] / sy_[k])
         sz = math.exp(lz) * reach + abs(float(np.asarray(self.z_offset)[k]))
         sy, sx = math.exp(lxy - a) * reach, math.exp(lxy + a) * reach
         return tuple(min(int(h), max(1, int(math.ceil(e / v))))

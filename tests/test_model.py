@@ -347,11 +347,13 @@ def test_psf_aspect_learns_an_elliptic_psf():
 
     import jax.numpy as jnp
 
+    from difftrack.shape import MAX_ASPECT
     from difftrack.simulate import default_psf
 
     vs = (0.2, 0.1, 0.1)
     base = default_psf(vs, 0.4).with_aspect()
-    a = 0.5 * np.log(1.6)
+    cap = 0.5 * np.log(MAX_ASPECT)
+    a = cap * np.arctanh(0.5 * np.log(1.6) / cap)  # log_aspect is taken to the cap by a tanh
     true_psf = dataclasses.replace(base, log_aspect=jnp.full_like(base.log_sigma_xy, a))
     sy, sx = (np.asarray(s) for s in true_psf.lateral_sigmas())
     assert np.allclose(sx / sy, 1.6, rtol=1e-5)
@@ -368,3 +370,7 @@ def test_psf_aspect_learns_an_elliptic_psf():
     ly, lx = (np.asarray(s) for s in fit.psf.lateral_sigmas())
     assert lx[kk] / ly[kk] == pytest.approx(1.6, rel=0.15)  # measured 1.67 (loss 449; round: 682)
     assert fit.psf.core_half(vs, (60, 60, 60))[2] > fit.psf.core_half(vs, (60, 60, 60))[1]
+    # no ratio beyond the cap, however far the raw parameter runs
+    far = dataclasses.replace(base, log_aspect=jnp.full_like(base.log_sigma_xy, -40.0))
+    fy, fx = (np.asarray(s) for s in far.lateral_sigmas())
+    assert np.allclose(fy / fx, MAX_ASPECT, rtol=1e-4)

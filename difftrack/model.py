@@ -142,7 +142,7 @@ def make_geometry(shape, voxel_size, radius, psf: PSF, *, bg_degree=(2, 2, 2),
     """Layout with room for radii up to 1.35 R and PSF components up to 3.5 of their
     initial std."""
     sz = float(np.max(np.exp(np.asarray(psf.log_sigma_z)) + np.abs(np.asarray(psf.z_offset))))
-    sxy = float(np.max(np.asarray(psf.lateral_sigmas())))
+    sxy = float(np.max(psf.widest_lateral_sigmas()))
     return Geometry.make(shape, voxel_size, max_radius=1.35 * radius,
                          psf_extent=(3.5 * sz, 3.5 * sxy),
                          bg_degree=bg_degree, illum_degree=illum_degree)
@@ -329,7 +329,7 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
     if hold_psf:
         if not isinstance(psf, PSF):
             raise TypeError(f"psf must be a difftrack.shape.PSF (e.g. model.psf); got {type(psf).__name__}")
-        sxy = float(np.max(np.asarray(psf.lateral_sigmas())))
+        sxy = float(np.max(psf.widest_lateral_sigmas()))
         elongation = float(np.max(np.exp(np.asarray(psf.log_sigma_z)))) / sxy
     else:
         sxy, sz = default_psf_sigmas(vs_eff, elongation)

@@ -205,8 +205,11 @@ class PSF:
         out = 0.0
         for k in range(w.shape[0]):
             gz = jnp.exp(-0.5 * ((dz - self.z_offset[k]) / sz[k]) ** 2) / (_SQRT2PI * sz[k])
-            gxy = (jnp.exp(-0.5 * (dy * dy / sy[k] ** 2 + dx * dx / sx[k] ** 2))
-                   / (2 * math.pi * sy[k] * sx[k]))
+            if self.log_aspect is None:  # round: as before log_aspect, to the last bit
+                gxy = jnp.exp(-0.5 * (dy * dy + dx * dx) / sy[k] ** 2) / (2 * math.pi * sy[k] ** 2)
+            else:
+                gxy = (jnp.exp(-0.5 * (dy * dy / sy[k] ** 2 + dx * dx / sx[k] ** 2))
+                       / (2 * math.pi * sy[k] * sx[k]))
             out = out + w[k] * gz * gxy
         return out
 
@@ -219,6 +222,15 @@ class PSF:
         cap = 0.5 * math.log(MAX_ASPECT)
         a = cap * jnp.tanh(self.log_aspect / cap)
         return sxy * jnp.exp(-a), sxy * jnp.exp(a)
+
+    def widest_lateral_sigmas(self):
+        """Each component's larger lateral std, (K,) NumPy (``lateral_sigmas``); without
+        ``log_aspect`` exactly exp(log_sigma_xy)."""
+        w = np.exp(np.asarray(self.log_sigma_xy))
+        if self.log_aspect is None:
+            return w
+        sy, sx = (np.asarray(q, np.float64) for q in self.lateral_sigmas())
+        return w * np.sqrt(np.maximum(sx / sy, sy / sx))
 
     def with_aspect(self):
         """This PSF with lateral widths that may differ between y and x (round to start)."""

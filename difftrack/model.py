@@ -137,6 +137,12 @@ class BorderError(ValueError):
 GRID_PRIOR = 10.0
 
 
+def check_psf_depth(psf_depth):
+    """ValueError unless ``psf_depth`` is one of ``fit_shape``'s values."""
+    if psf_depth not in (False, True, "asymmetry"):
+        raise ValueError(f"psf_depth must be False, True or 'asymmetry'; got {psf_depth!r}")
+
+
 def make_geometry(shape, voxel_size, radius, psf: PSF, *, bg_degree=(2, 2, 2),
                   illum_degree=(2, 2, 2)):
     """Layout with room for radii up to 1.35 R and PSF components up to 3.5 of their
@@ -305,8 +311,7 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
     -------
     Model, with ``.model_image()`` in the units of ``image``.
     """
-    if psf_depth not in (False, True, "asymmetry"):
-        raise ValueError(f"psf_depth must be False, True or 'asymmetry'; got {psf_depth!r}")
+    check_psf_depth(psf_depth)
     image = check_stack(image)
     vs = check_voxel_size(voxel_size)
     vs_eff = vs if vs is not None else (1.0, 1.0, 1.0)

@@ -52,8 +52,8 @@ from ._checks import check_positions, check_stack, check_voxel_size
 from .detect import _ellipsoid
 from .fisher import at_voxels, coupled_covariance, own_blocks
 from .metrics import _interior
-from .model import (GRID_PRIOR, BorderError, Model, _normalise, fit_parameters, fit_shape, radius_spread_penalty,
-                    to_image_units, to_normalised_units)
+from .model import (GRID_PRIOR, BorderError, Model, _normalise, check_psf_depth, fit_parameters, fit_shape,
+                    radius_spread_penalty, to_image_units, to_normalised_units)
 from .optimize import minimize
 from .render import (Params, Particles, background_field, correlate, gather_patches,
                      illumination_field, kernel_on_grid, patch_values, render, render_parts,
@@ -678,14 +678,14 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         raise ValueError(f"outside_penalty must be a fraction in (0, 1]; got {outside_penalty}")
     if int(add_passes) != add_passes or add_passes < 1:
         raise ValueError(f"add_passes must be a whole number >= 1; got {add_passes}")
+    check_psf_depth(psf_depth)
     if len(pos0) == 0:
         raise ValueError("positions is empty: refine needs at least one starting particle "
                          "(run a detector first)")
     try:
         t_first = time.perf_counter()
         shape_model = fit_shape(image, pos0, voxel_size=vs, radius=radius, invert=invert,
-                                steps=shape_steps, psf=psf, psf_depth=psf_depth,
-                                psf_aspect=psf_aspect, tail_weight=FIRST_TAIL_WEIGHT)
+                                steps=shape_steps, psf=psf, tail_weight=FIRST_TAIL_WEIGHT)
         t_first = time.perf_counter() - t_first
     except BorderError as e:  # the same error, with advice that refine can take
         raise BorderError(e.n, e.border, "Give at least one starting position farther "
@@ -708,6 +708,14 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         # within the spread between starts (docs/refine.md, fourteenth session)
         core = params.psf.core_half(geom.voxel_size, geom.kernel_half)
         params = dataclasses.replace(params, psf=params.psf.with_grid(core))
+    if not hold_psf and (psf_depth or psf_aspect):
+        # the PSF's further freedoms, like the grid, from round 1's shape fit on: learned
+        # from the rough starts, with the missing particles' light still in the data,
+        # they took that up (dark PERI: from the truth psf_depth is 2.82 2.06 2.04x the
+        # bound against 3.10 2.12 1.94 without; from rough starts 3.82 2.29 2.09 against
+        # 3.27 2.25 2.00; docs/refine.md, twenty-eighth session)
+        q = params.psf.with_depth(widths=psf_depth is True) if psf_depth else params.psf
+        params = dataclasses.replace(params, psf=q.with_aspect() if psf_aspect else q)
     # no illumination field (L = 1): every particle's amplitude is free, which takes up
     # the slow changes of brightness; all L could add is a gradient across a particle,
     # which moves its light as a common shift of the positions would (a near-degenerate

@@ -302,6 +302,9 @@ def test_refine_bad_input():
     with pytest.raises(ValueError, match="add_passes"):
         refine_positions(np.random.default_rng(0).normal(size=(6, 8, 8)), [[3.0, 4.0, 4.0]],
                          add_passes=0)
+    with pytest.raises(ValueError, match="psf_depth"):
+        refine_positions(np.random.default_rng(0).normal(size=(6, 8, 8)), [[3.0, 4.0, 4.0]],
+                         psf_depth="widths")
     # every start on a face, where the shape fit leaves the light out: nothing to learn from
     # (before the check: 43 face starts of this stack ended as 1 particle after 2,524 additions)
     image = np.random.default_rng(0).poisson(20.0, (16, 28, 32)).astype(np.uint16)

@@ -143,6 +143,15 @@ def check_psf_depth(psf_depth):
         raise ValueError(f"psf_depth must be False, True or 'asymmetry'; got {psf_depth!r}")
 
 
+def with_psf_freedoms(psf: PSF, psf_depth=False, psf_aspect=False) -> PSF:
+    """``psf`` with the freedoms ``fit_shape``'s ``psf_depth`` and ``psf_aspect`` ask for
+    (zero to start: the same image)."""
+    check_psf_depth(psf_depth)
+    if psf_depth:
+        psf = psf.with_depth(widths=psf_depth is True)
+    return psf.with_aspect() if psf_aspect else psf
+
+
 def make_geometry(shape, voxel_size, radius, psf: PSF, *, bg_degree=(2, 2, 2),
                   illum_degree=(2, 2, 2)):
     """Layout with room for radii up to 1.35 R and PSF components up to 3.5 of their
@@ -339,11 +348,8 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
     else:
         sxy, sz = default_psf_sigmas(vs_eff, elongation)
         sxy = max(sxy, 0.2 * radius)
-        psf = PSF.init(sxy, elongation * sxy, n_components, tail_weight)
-        if psf_depth:
-            psf = psf.with_depth(widths=psf_depth is True)
-        if psf_aspect:
-            psf = psf.with_aspect()
+        psf = with_psf_freedoms(PSF.init(sxy, elongation * sxy, n_components, tail_weight),
+                                psf_depth, psf_aspect)
     geom = make_geometry(image.shape, vs_eff, radius, psf)
     pos_j = jnp.asarray(pos, jnp.float32)
     if isinstance(border, str):

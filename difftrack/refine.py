@@ -53,7 +53,7 @@ from .detect import _ellipsoid
 from .fisher import at_voxels, coupled_covariance, own_blocks
 from .metrics import _interior
 from .model import (GRID_PRIOR, BorderError, Model, _normalise, check_psf_depth, fit_parameters, fit_shape,
-                    radius_spread_penalty, to_image_units, to_normalised_units)
+                    radius_spread_penalty, to_image_units, to_normalised_units, with_psf_freedoms)
 from .optimize import minimize
 from .render import (Params, Particles, background_field, correlate, gather_patches,
                      illumination_field, kernel_on_grid, patch_values, render, render_parts,
@@ -714,8 +714,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         # they took that up (dark PERI: from the truth psf_depth is 2.82 2.06 2.04x the
         # bound against 3.10 2.12 1.94 without; from rough starts 3.82 2.29 2.09 against
         # 3.27 2.25 2.00; docs/refine.md, twenty-eighth session)
-        q = params.psf.with_depth(widths=psf_depth is True) if psf_depth else params.psf
-        params = dataclasses.replace(params, psf=q.with_aspect() if psf_aspect else q)
+        params = dataclasses.replace(params, psf=with_psf_freedoms(params.psf, psf_depth, psf_aspect))
     # no illumination field (L = 1): every particle's amplitude is free, which takes up
     # the slow changes of brightness; all L could add is a gradient across a particle,
     # which moves its light as a common shift of the positions would (a near-degenerate

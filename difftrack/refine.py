@@ -708,19 +708,18 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     centre, scale = _normalise(image)
     data_n = jnp.asarray((image.astype(np.float32) - np.float32(centre)) / np.float32(scale))
     params = to_normalised_units(shape_model.params, centre, scale)
-    if psf_grid and not hold_psf:
-        # the grid is learned from the first of refine's own shape fits on, not by a second
-        # stage of fit_shape's: that was one more compiled fit and its steps, for figures
-        # within the spread between starts (docs/refine.md, fourteenth session)
-        core = params.psf.core_half(geom.voxel_size, geom.kernel_half)
-        params = dataclasses.replace(params, psf=params.psf.with_grid(core))
-    if not hold_psf and (psf_depth or psf_aspect):
-        # the PSF's further freedoms, like the grid, from round 1's shape fit on: learned
-        # from the rough starts, with the missing particles' light still in the data,
-        # they took that up (dark PERI: from the truth psf_depth is 2.82 2.06 2.04x the
-        # bound against 3.10 2.12 1.94 without; from rough starts 3.82 2.29 2.09 against
-        # 3.27 2.25 2.00; docs/refine.md, twenty-eighth session)
-        params = dataclasses.replace(params, psf=with_psf_freedoms(params.psf, psf_depth, psf_aspect))
+    if not hold_psf:
+        # the PSF's further freedoms are learned from the first of refine's own shape fits
+        # on. The grid, not by a second stage of fit_shape's: that was one more compiled
+        # fit and its steps, for figures within the spread between starts (docs/refine.md,
+        # fourteenth session). Depth and aspect, not from the rough starts: with the
+        # missing particles' light still in the data they took that up (dark PERI: from
+        # the truth psf_depth is 2.82 2.06 2.04x the bound against 3.10 2.12 1.94 without;
+        # from rough starts 3.82 2.29 2.09 against 3.27 2.25 2.00; twenty-eighth session)
+        psf_free = params.psf
+        if psf_grid:
+            psf_free = psf_free.with_grid(psf_free.core_half(geom.voxel_size, geom.kernel_half))
+        params = dataclasses.replace(params, psf=with_psf_freedoms(psf_free, psf_depth, psf_aspect))
     # no illumination field (L = 1): every particle's amplitude is free, which takes up
     # the slow changes of brightness; all L could add is a gradient across a particle,
     # which moves its light as a common shift of the positions would (a near-degenerate

@@ -1,11 +1,14 @@
 """refine_positions on the dev stacks from degraded truth (issue 4's protocol).
 
-    python benchmarks/refine_dev.py [NAME ...] [--options JSON] [--seed N] [--save DIR] [--from-truth]
+    python benchmarks/refine_dev.py [NAME ...] [--options JSON] [--seed N] [--save DIR]
+        [--constants JSON] [--from-truth]
 
 ``--options '{"polydispersity": null}'``: keyword arguments for ``refine_positions``.
 ``--seed N``: the degraded start's seed (default 0, the one every table used); the runs are
 chaotic in their start and rounding, so several seeds tell a change from the spread.
 ``--save DIR``: also write each run's table to DIR/NAME_seedN.csv (for analyses after).
+``--constants '{"DEPTH_PRIOR": 0}'``: set module constants of ``difftrack.refine`` first
+(experiments on a constant without editing the code).
 ``--from-truth``: start from every true centre instead (no jitter, none deleted, none
 spurious; the seed is ignored): what is left then is the model's error, not the search's.
 
@@ -16,6 +19,7 @@ std((found - true) / sigma) per axis; and where the error sits (``_diagnostics``
 """
 
 import argparse
+import importlib
 import json
 import time
 from pathlib import Path
@@ -54,7 +58,13 @@ def _diagnostics(f, t, crlb, shape, rad_vox):
       fit; a depth-dependent focal shift of the light shows as a slope no tracker can see
       (the light of a particle at depth z sits at z (1 + slope) + const);
     - ``rmse_over_crlb_z_detrended``: z RMSE / CRLB after removing that line (a diagnostic,
-      fitted to the truth: not a result).
+      fitted to the truth: not a result);
+    - ``worst_2pct_share``: per axis, the share of the squared error carried by the worst 2%
+      of the particles (at least one), and ``rmse_over_crlb_without_worst_2pct``: the RMSE
+      without them (diagnostics: on the partial-volume stacks half of z's squared error
+      sits in 2% of the particles, most of them within 1.5 radii of a z face);
+    - ``z_face``: z RMSE / CRLB and count of the particles within 1.5 radii of a z face, and
+      the fraction of their z errors that point towards that face.
     """
     shape = np.asarray(shape)
     deep = (t[:, 0] >= 3 * rad_vox[0] - 0.5) & (t[:, 0] <= shape[0] - 0.5 - 3 * rad_vox[0])
@@ -66,7 +76,17 @@ def _diagnostics(f, t, crlb, shape, rad_vox):
         coef = np.linalg.lstsq(A * w[:, None], e[:, 0] * w, rcond=None)[0]
         w = 1.0 / np.sqrt(np.maximum(np.abs(e[:, 0] - A @ coef), 1e-3))
     ez = e[:, 0] - A @ coef
-    return dict(rmse_over_crlb_deep=np.round(np.sqrt((e[deep] ** 2).mean(axis=0)) / crlb, 2).tolist(),
+    e2 = np.sort(e**2, axis=0)[::-1]
+    k = max(1, int(round(0.02 * len(t))))
+    zf = np.minimum(t[:, 0], shape[0] - 1 - t[:, 0])
+    near = zf < 1.5 * rad_vox[0]
+    towards = np.sign(e[:, 0]) == np.where(t[:, 0] < zc, -1.0, 1.0)
+    z_face = (round(float(np.sqrt((e[near, 0] ** 2).mean()) / crlb[0]), 2), int(near.sum()),
+              round(float(towards[near].mean()), 2)) if near.any() else None
+    return dict(worst_2pct_share=np.round(e2[:k].sum(axis=0) / e2.sum(axis=0), 2).tolist(),
+                rmse_over_crlb_without_worst_2pct=np.round(np.sqrt(e2[k:].mean(axis=0)) / crlb, 2).tolist(),
+                z_face=z_face,
+                rmse_over_crlb_deep=np.round(np.sqrt((e[deep] ** 2).mean(axis=0)) / crlb, 2).tolist(),
                 n_deep=int(deep.sum()), z_trend=round(float(coef[1]), 4),
                 rmse_over_crlb_z_detrended=round(float(np.sqrt((ez**2).mean()) / crlb[0]), 2))
 
@@ -124,7 +144,14 @@ if __name__ == "__main__":
                     help="JSON object of keyword arguments for refine_positions")
     ap.add_argument("--seed", type=int, default=0, help="the degraded start's seed (default 0)")
     ap.add_argument("--save", default=None, help="write each run's table to DIR/NAME_seedN.csv")
+    ap.add_argument("--constants", type=json.loads, default=None,
+                    help="JSON object of difftrack.refine module constants to set first")
     ap.add_argument("--from-truth", action="store_true",
                     help="start from every true centre (no jitter, none deleted or spurious)")
     args = ap.parse_args()
+    refine_module = importlib.import_module("difftrack.refine")
+    for key, value in (args.constants or {}).items():
+        if not hasattr(refine_module, key):
+            raise SystemExit(f"difftrack.refine has no constant {key!r}")
+        setattr(refine_module, key, value)
     main(args.names or NAMES, args.options, args.seed, args.save, args.from_truth)

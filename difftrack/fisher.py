@@ -307,18 +307,18 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
         H = np.zeros((b, m, m, 5, 5))
         real = nodes >= 0
         safe = np.where(real, nodes, 0)
+        near = np.any(real & face[safe], axis=1)
+        face_cluster[rows] = near
         for p in range(m):
             H[:, p, p] = np.where(real[:, p, None, None], F_med[safe[:, p]], np.eye(5))
             for q in range(p + 1, m):
-                both = real[:, p] & real[:, q]
+                both = real[:, p] & real[:, q] & ~near  # face clusters: below
                 if not both.any():
                     continue
                 blk = np.zeros((b, 5, 5))
                 blk[both] = cross(safe[both, p], safe[both, q])
                 H[:, p, q] = blk
                 H[:, q, p] = np.swapaxes(blk, 1, 2)
-        near = np.any(real & face[safe], axis=1)
-        face_cluster[rows] = near
         if near.any():  # face clusters: every block from the stack's voxels
             Hn = np.zeros((int(near.sum()), m, m, 5, 5))
             rn, sn = real[near], safe[near]

@@ -17,8 +17,8 @@ From them:
 ``own_blocks`` treats the weight as constant over a particle's light and counts light
 that falls outside the stack: optimistic at the faces. ``coupled_covariance`` does so for
 clusters away from the faces only; a cluster with a member whose light crosses a face
-(``FACE_LIGHT``) is built from the unit derivatives placed at each member's voxel and
-summed over the stack's voxels only (``_stack_blocks``; the weight as the table's, the
+(``FACE_LIGHT``) is built from the unit derivatives placed at each member's centre (a
+Fourier shift of the sub-voxel offset) and summed over the stack's voxels only (``_stack_blocks``; the weight as the table's, the
 local mean at each particle): only the light inside counts, and a particle centred
 outside the stack is as uncertain as its light inside makes it. The cluster leaves out
 the neighbours' other neighbours; against the whole-stack Fisher matrix of a dense
@@ -134,7 +134,7 @@ def _invertible(F, seen):
 # a particle whose unit light has more than this fraction of its derivatives' energy
 # outside the stack (along any axis) makes its clusters face clusters (``_stack_blocks``).
 # Near a face the table's clusters were 0.68 / 0.70 / 0.67 of the whole-stack sigma, now
-# 1.03 / 1.09 / 1.10 (median, 29 particles within a radius of a face; tests/test_fisher.py);
+# 1.08 / 1.09 / 1.11 (median, 29 particles within a radius of a face; tests/test_fisher.py);
 # on the partial-volume dev stacks the z errors within 1.5 radii of a z face were 4.6-7.4x
 # the table's sigma, against 1.0 deep inside (docs/refine.md, thirtieth session)
 FACE_LIGHT = 1e-3
@@ -155,23 +155,44 @@ def _outside_fraction(J, corner, shape):
     return out
 
 
-def _stack_blocks(J, corner, shape, pairs):
-    """Fisher blocks sum_u J(u - c_i) J(u - c_j)^T (unit amplitude and weight) of the
-    particle pairs ``pairs`` (m, 2), the unit derivatives ``J`` (5, ...) placed with their
-    first voxel at ``corner`` (n, 3), summed over the voxels of a stack of ``shape`` only.
-    (m, 5, 5)."""
-    size = np.asarray(J.shape[1:])
+def _stack_blocks(fields, corner, shape, pairs):
+    """Fisher blocks sum_u J_i(u) J_j(u)^T (unit amplitude and weight) of the particle
+    pairs ``pairs`` (m, 2), J_i = ``fields(i)`` (5, ...) the unit derivatives of particle i
+    on a window whose first voxel is ``corner[i]`` (n, 3), summed over the voxels of a
+    stack of ``shape`` only. (m, 5, 5)."""
     shape = np.asarray(shape)
     out = np.zeros((len(pairs), 5, 5))
     for k, (i, j) in enumerate(pairs):
+        Ji, Jj = fields(i), fields(j)
+        size = np.asarray(Ji.shape[1:])
         lo = np.maximum(np.maximum(corner[i], corner[j]), 0)
         hi = np.minimum(np.minimum(corner[i], corner[j]) + size, shape)
         if np.any(hi <= lo):
             continue
         si = (slice(None),) + tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, corner[i]))
         sj = (slice(None),) + tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, corner[j]))
-        out[k] = J[si].reshape(5, -1) @ J[sj].reshape(5, -1).T
+        out[k] = Ji[si].reshape(5, -1) @ Jj[sj].reshape(5, -1).T
     return out
+
+
+def _placed_fields(J, pos):
+    """``fields(i)``: the unit derivatives ``J`` (5, ...; centred) moved by particle i's
+    sub-voxel offset pos_i - rint(pos_i) (a Fourier shift), so that on the window from
+    rint(pos_i) - half they sit at pos_i; computed once per particle asked for."""
+    Jf = np.fft.rfftn(J, axes=(1, 2, 3))
+    k = [np.fft.fftfreq(n) for n in J.shape[1:3]] + [np.fft.rfftfreq(J.shape[3])]
+    cache = {}
+
+    def fields(i):
+        if i not in cache:
+            f = np.asarray(pos[i], np.float64) - np.rint(pos[i])
+            ph = (np.exp(-2j * np.pi * f[0] * k[0])[:, None, None]
+                  * np.exp(-2j * np.pi * f[1] * k[1])[None, :, None]
+                  * np.exp(-2j * np.pi * f[2] * k[2])[None, None, :])
+            cache[i] = np.fft.irfftn(Jf * ph, s=J.shape[1:], axes=(1, 2, 3)).astype(np.float32)
+        return cache[i]
+
+    return fields
 
 
 def coupling_table(R, psf, geom):
@@ -268,7 +289,9 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
 
     # clusters with a member whose light crosses a face: their blocks summed over the
     # stack's own voxels (``_stack_blocks``), the unit light at the median radius placed at
-    # each member's nearest voxel. The weight stays the table's (the local mean at each
+    # each member's centre (``_placed_fields``; at the nearest voxel instead, the blocks of
+    # touching neighbours were off by up to a voxel's displacement: sigma 0.95-1.21x the
+    # table's where nothing is clipped, against 1.00-1.10x placed). The weight stays the table's (the local mean at each
     # particle, ``_scales``): per voxel (exact for the noise model) the sigma of bright
     # particles under Poisson noise came out 10-20% smaller everywhere (their light's
     # gradient lies where the stack is dimmer), a change of its own that would have made a
@@ -278,13 +301,11 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
     half = (np.asarray(J.shape[1:]) - 1) // 2
     corner = np.rint(pos).astype(int) - half
     face = _outside_fraction(J, corner, np.asarray(geom.shape)) > FACE_LIGHT
-    stack_cache = {}  # (i, j), i <= j: the unit block summed over the stack
-
-    def stack_cross(i, j):  # (m,) x (m,) -> (m, 5, 5): F_ij summed over the stack
+    def stack_cross(i, j, stack_cache, fields):  # (m,) x (m,) -> (m, 5, 5): F_ij, the stack's
         key = [(a, b) if a <= b else (b, a) for a, b in zip(i.tolist(), j.tolist())]
         todo = sorted(set(k for k in key if k not in stack_cache))
         if todo:
-            for k, blk in zip(todo, _stack_blocks(J, corner, geom.shape, todo)):
+            for k, blk in zip(todo, _stack_blocks(fields, corner, geom.shape, todo)):
                 stack_cache[k] = blk
         G = np.stack([stack_cache[k] if a <= b else stack_cache[k].T
                       for k, a, b in zip(key, i, j)]) if key else np.zeros((0, 5, 5))
@@ -297,8 +318,12 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
     fallbacks = 0
     face_cluster = np.zeros(n, bool)
     m = nb.shape[1] + 1
+    # the batches in space order (blocks of 4 windows' extent), so that a batch's face
+    # clusters share their members' placed fields (``_placed_fields``, one per batch)
+    cell = np.floor(pos / np.maximum(4 * half, 1)).astype(np.int64)
+    order = np.lexsort((cell[:, 2], cell[:, 1], cell[:, 0]))
     for start in range(0, n, batch):
-        rows = np.arange(start, min(n, start + batch))
+        rows = np.sort(order[start:start + batch])
         rows = rows[seen[rows]]
         if len(rows) == 0:
             continue
@@ -320,6 +345,7 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
                 H[:, p, q] = blk
                 H[:, q, p] = np.swapaxes(blk, 1, 2)
         if near.any():  # face clusters: every block from the stack's voxels
+            stack_cache, fields = {}, _placed_fields(J, pos)  # this batch's (memory)
             Hn = np.zeros((int(near.sum()), m, m, 5, 5))
             rn, sn = real[near], safe[near]
             for p in range(m):
@@ -327,7 +353,7 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
                     both = rn[:, p] & rn[:, q]
                     blk = np.zeros((len(sn), 5, 5))
                     if both.any():
-                        blk[both] = stack_cross(sn[both, p], sn[both, q])
+                        blk[both] = stack_cross(sn[both, p], sn[both, q], stack_cache, fields)
                     if p == q:
                         tr = np.trace(blk, axis1=1, axis2=2)
                         blk = np.where(both[:, None, None], blk + np.eye(5) * 1e-9 * tr[:, None, None],

@@ -138,6 +138,9 @@ def _invertible(F, seen):
 # on the partial-volume dev stacks the z errors within 1.5 radii of a z face were 4.6-7.4x
 # the table's sigma, against 1.0 deep inside (docs/refine.md, thirtieth session)
 FACE_LIGHT = 1e-3
+# face clusters handled at a time; the placed fields of one chunk's members are kept
+# (a field is 5 windows of the unit light: ~0.4 MB for a 29x27x27 window in float32)
+FACE_CHUNK = 256
 
 
 def _outside_fraction(J, corner, shape):
@@ -175,13 +178,13 @@ def _stack_blocks(fields, corner, shape, pairs):
     return out
 
 
-def _placed_fields(J, pos):
+def _placed_fields(J, pos, cache):
     """``fields(i)``: the unit derivatives ``J`` (5, ...; centred) moved by particle i's
     sub-voxel offset pos_i - rint(pos_i) (a Fourier shift), so that on the window from
-    rint(pos_i) - half they sit at pos_i; computed once per particle asked for."""
+    rint(pos_i) - half they sit at pos_i; computed once per particle asked for and kept
+    in the dict ``cache``."""
     Jf = np.fft.rfftn(J, axes=(1, 2, 3))
     k = [np.fft.fftfreq(n) for n in J.shape[1:3]] + [np.fft.rfftfreq(J.shape[3])]
-    cache = {}
 
     def fields(i):
         if i not in cache:
@@ -344,10 +347,17 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
                 blk[both] = cross(safe[both, p], safe[both, q])
                 H[:, p, q] = blk
                 H[:, q, p] = np.swapaxes(blk, 1, 2)
-        if near.any():  # face clusters: every block from the stack's voxels
-            stack_cache, fields = {}, _placed_fields(J, pos)  # this batch's (memory)
-            Hn = np.zeros((int(near.sum()), m, m, 5, 5))
-            rn, sn = real[near], safe[near]
+        # face clusters: every block from the stack's voxels, FACE_CHUNK clusters at a
+        # time, each chunk with its own placed fields (memory: a field is 5 windows)
+        near_rows = np.flatnonzero(near)
+        placed, stack_cache = {}, {}  # the pairs' blocks (5x5 each) for the whole batch
+        for c0 in range(0, len(near_rows), FACE_CHUNK):
+            ch = near_rows[c0:c0 + FACE_CHUNK]
+            rn, sn = real[ch], safe[ch]
+            members = set(sn[rn].tolist())  # the fields kept: this chunk's members only
+            placed = {i: f for i, f in placed.items() if i in members}
+            fields = _placed_fields(J, pos, placed)
+            Hn = np.zeros((len(ch), m, m, 5, 5))
             for p in range(m):
                 for q in range(p, m):
                     both = rn[:, p] & rn[:, q]
@@ -362,7 +372,7 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
                     else:
                         Hn[:, p, q] = blk
                         Hn[:, q, p] = np.swapaxes(blk, 1, 2)
-            H[near] = Hn
+            H[ch] = Hn
         H = H.transpose(0, 1, 3, 2, 4).reshape(b, 5 * m, 5 * m)
         good = _positive_definite(H)
         fallbacks += int((~good).sum())

@@ -178,7 +178,7 @@ def test_face_blocks_place_each_particle_at_its_sub_voxel_centre(dense, second):
     pos = np.array([[50.0, 50.0, 50.0], second])
     corner = np.rint(pos).astype(int) - half
     big = tuple(int(v) for v in 2 * corner.max(axis=0) + 3 * np.asarray(J.shape[1:]))
-    got = fisher._stack_blocks(fisher._placed_fields(J, pos), corner, big, [(0, 1), (1, 1)])
+    got = fisher._stack_blocks(fisher._placed_fields(J, pos, {}), corner, big, [(0, 1), (1, 1)])
     off = pos[1] - np.rint(pos[1])
     Jo = np.fft.fftshift(np.asarray(unit_light(R, p.psf, g, offset=tuple(off)), np.float64),
                          axes=(1, 2, 3))

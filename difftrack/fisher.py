@@ -18,9 +18,10 @@ From them:
 that falls outside the stack: optimistic at the faces. ``coupled_covariance`` does so for
 clusters away from the faces only; a cluster with a member whose light crosses a face
 (``FACE_LIGHT``) is built from the unit derivatives placed at each member's centre (a
-Fourier shift of the sub-voxel offset) and summed over the stack's voxels only (``_stack_blocks``; the weight as the table's, the
-local mean at each particle): only the light inside counts, and a particle centred
-outside the stack is as uncertain as its light inside makes it. The cluster leaves out
+Fourier shift of the sub-voxel offset) and summed over the stack's voxels only
+(``_stack_blocks``; the weight as the table's, the local mean at each particle): only the
+light inside counts, and a particle centred outside the stack is as uncertain as its
+light inside makes it. The cluster leaves out
 the neighbours' other neighbours; against the whole-stack Fisher matrix of a dense
 simulated stack its sigma is within about 10-20% (tests/test_fisher.py), where the own
 block alone is 15-30% low.
@@ -182,7 +183,7 @@ def _placed_fields(J, pos, cache):
     """``fields(i)``: the unit derivatives ``J`` (5, ...; centred) moved by particle i's
     sub-voxel offset pos_i - rint(pos_i) (a Fourier shift), so that on the window from
     rint(pos_i) - half they sit at pos_i; computed once per particle asked for and kept
-    in the dict ``cache``."""
+    in the dict ``cache`` (which the caller may prune)."""
     Jf = np.fft.rfftn(J, axes=(1, 2, 3))
     k = [np.fft.fftfreq(n) for n in J.shape[1:3]] + [np.fft.rfftfreq(J.shape[3])]
 
@@ -294,17 +295,21 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
     # stack's own voxels (``_stack_blocks``), the unit light at the median radius placed at
     # each member's centre (``_placed_fields``; at the nearest voxel instead, the blocks of
     # touching neighbours were off by up to a voxel's displacement: sigma 0.95-1.21x the
-    # table's where nothing is clipped, against 1.00-1.10x placed). The weight stays the table's (the local mean at each
-    # particle, ``_scales``): per voxel (exact for the noise model) the sigma of bright
-    # particles under Poisson noise came out 10-20% smaller everywhere (their light's
-    # gradient lies where the stack is dimmer), a change of its own that would have made a
-    # step at the first cluster without light beyond a face
+    # table's where nothing is clipped, against 1.00-1.10x placed). The weight stays the
+    # table's (the local mean at each particle, ``_scales``): per voxel (exact for the
+    # noise model) the sigma of bright particles under Poisson noise came out 10-20%
+    # smaller everywhere (their light's gradient lies where the stack is dimmer), a change
+    # of its own that would have made a step at the first cluster without light beyond a
+    # face
     J = np.fft.fftshift(np.asarray(unit_light(float(np.median(R)), params.psf, geom), np.float64),
                         axes=(1, 2, 3))
     half = (np.asarray(J.shape[1:]) - 1) // 2
     corner = np.rint(pos).astype(int) - half
     face = _outside_fraction(J, corner, np.asarray(geom.shape)) > FACE_LIGHT
-    def stack_cross(i, j, stack_cache, fields):  # (m,) x (m,) -> (m, 5, 5): F_ij, the stack's
+    placed = {}  # the placed fields of the current chunk's members (``FACE_CHUNK``)
+    fields = _placed_fields(J, pos, placed)
+
+    def stack_cross(i, j, stack_cache):  # (m,) x (m,) -> (m, 5, 5): F_ij, the stack's
         key = [(a, b) if a <= b else (b, a) for a, b in zip(i.tolist(), j.tolist())]
         todo = sorted(set(k for k in key if k not in stack_cache))
         if todo:
@@ -321,8 +326,8 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
     fallbacks = 0
     face_cluster = np.zeros(n, bool)
     m = nb.shape[1] + 1
-    # the batches in space order (blocks of 4 windows' extent), so that a batch's face
-    # clusters share their members' placed fields (``_placed_fields``, one per batch)
+    # the batches in space order (blocks of 4 windows' extent), so that consecutive chunks
+    # of face clusters share their members' placed fields (``_placed_fields``)
     cell = np.floor(pos / np.maximum(4 * half, 1)).astype(np.int64)
     order = np.lexsort((cell[:, 2], cell[:, 1], cell[:, 0]))
     for start in range(0, n, batch):
@@ -348,27 +353,25 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
                 H[:, p, q] = blk
                 H[:, q, p] = np.swapaxes(blk, 1, 2)
         # face clusters: every block from the stack's voxels, FACE_CHUNK clusters at a
-        # time, each chunk with its own placed fields (memory: a field is 5 windows)
+        # time, keeping the placed fields of one chunk's members only (memory: a field is
+        # 5 windows)
         near_rows = np.flatnonzero(near)
-        placed, stack_cache = {}, {}  # the pairs' blocks (5x5 each) for the whole batch
+        stack_cache = {}  # the pairs' blocks (5x5 each) for the whole batch
         for c0 in range(0, len(near_rows), FACE_CHUNK):
             ch = near_rows[c0:c0 + FACE_CHUNK]
             rn, sn = real[ch], safe[ch]
-            members = set(sn[rn].tolist())  # the fields kept: this chunk's members only
-            placed = {i: f for i, f in placed.items() if i in members}
-            fields = _placed_fields(J, pos, placed)
+            members = set(sn[rn].tolist())
+            for i in [i for i in placed if i not in members]:
+                del placed[i]
             Hn = np.zeros((len(ch), m, m, 5, 5))
             for p in range(m):
                 for q in range(p, m):
                     both = rn[:, p] & rn[:, q]
                     blk = np.zeros((len(sn), 5, 5))
                     if both.any():
-                        blk[both] = stack_cross(sn[both, p], sn[both, q], stack_cache, fields)
+                        blk[both] = stack_cross(sn[both, p], sn[both, q], stack_cache)
                     if p == q:
-                        tr = np.trace(blk, axis1=1, axis2=2)
-                        blk = np.where(both[:, None, None], blk + np.eye(5) * 1e-9 * tr[:, None, None],
-                                       np.eye(5))
-                        Hn[:, p, p] = blk
+                        Hn[:, p, p] = _invertible(blk, both)
                     else:
                         Hn[:, p, q] = blk
                         Hn[:, q, p] = np.swapaxes(blk, 1, 2)

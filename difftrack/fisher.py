@@ -305,7 +305,8 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
                         axes=(1, 2, 3))
     half = (np.asarray(J.shape[1:]) - 1) // 2
     corner = np.rint(pos).astype(int) - half
-    face = _outside_fraction(J, corner, np.asarray(geom.shape)) > FACE_LIGHT
+    # with a periodic boundary no light is lost beyond a face: it wraps around
+    face = (_outside_fraction(J, corner, np.asarray(geom.shape)) > FACE_LIGHT) & (not geom.periodic)
     placed = {}  # the placed fields of the current chunk's members (``FACE_CHUNK``)
     fields = _placed_fields(J, pos, placed)
 

@@ -152,15 +152,23 @@ def with_psf_freedoms(psf: PSF, psf_depth=False, psf_aspect=False) -> PSF:
     return psf.with_aspect() if psf_aspect else psf
 
 
+def check_boundary(boundary):
+    """``boundary`` must be "open" (a microscope's stack) or "periodic" (light wrapping
+    around, as a circular FFT convolution over the stack renders it)."""
+    if boundary not in ("open", "periodic"):
+        raise ValueError(f"boundary must be 'open' or 'periodic'; got {boundary!r}")
+    return boundary == "periodic"
+
+
 def make_geometry(shape, voxel_size, radius, psf: PSF, *, bg_degree=(2, 2, 2),
-                  illum_degree=(2, 2, 2)):
+                  illum_degree=(2, 2, 2), periodic=False):
     """Layout with room for radii up to 1.35 R and PSF components up to 3.5 of their
-    initial std."""
+    initial std (``periodic``: ``Geometry.periodic``)."""
     sz = float(np.max(np.exp(np.asarray(psf.log_sigma_z)) + np.abs(np.asarray(psf.z_offset))))
     sxy = float(np.max(psf.widest_lateral_sigmas()))
     return Geometry.make(shape, voxel_size, max_radius=1.35 * radius,
                          psf_extent=(3.5 * sz, 3.5 * sxy),
-                         bg_degree=bg_degree, illum_degree=illum_degree)
+                         bg_degree=bg_degree, illum_degree=illum_degree, periodic=periodic)
 
 
 def _radius_bounds(geom: Geometry, radius):
@@ -279,7 +287,8 @@ def initial_params(data_n, pos, geom: Geometry, *, radius, sign, psf: PSF, weigh
 
 def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", steps=300,
               n_components=3, elongation=2.5, border="auto", progress=False, psf=None,
-              psf_grid=False, psf_depth=False, psf_aspect=False, tail_weight=None) -> Model:
+              psf_grid=False, psf_depth=False, psf_aspect=False, tail_weight=None,
+              boundary="open") -> Model:
     """Learn the particle shape S, radii, amplitudes and background with positions held.
 
     Parameters
@@ -315,12 +324,18 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
         core (``PSF.init``; None: ``shape.TAIL_WEIGHT``, 0.15); ignored when ``psf`` is
         given. Below ~1% the tails are starved (softmax: their gradient vanishes
         with their weight) and the fit learns the core alone.
+    boundary : "open" (default: a microscope's stack; light of particles beyond a face
+        falls in, none wraps around) or "periodic": the stack's light wraps around its
+        faces and each ball is cut at them, as a simulator that convolves the stack by
+        FFT without padding renders it (the partial-volume dev stacks are made so). Never
+        for data from a microscope.
 
     Returns
     -------
     Model, with ``.model_image()`` in the units of ``image``.
     """
     check_psf_depth(psf_depth)
+    periodic = check_boundary(boundary)
     image = check_stack(image)
     vs = check_voxel_size(voxel_size)
     vs_eff = vs if vs is not None else (1.0, 1.0, 1.0)
@@ -350,7 +365,7 @@ def fit_shape(image, positions, *, voxel_size=None, radius=None, invert="auto", 
         sxy = max(sxy, 0.2 * radius)
         psf = with_psf_freedoms(PSF.init(sxy, elongation * sxy, n_components, tail_weight),
                                 psf_depth, psf_aspect)
-    geom = make_geometry(image.shape, vs_eff, radius, psf)
+    geom = make_geometry(image.shape, vs_eff, radius, psf, periodic=periodic)
     pos_j = jnp.asarray(pos, jnp.float32)
     if isinstance(border, str):
         if border != "auto":

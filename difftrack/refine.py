@@ -419,7 +419,11 @@ def _outside_reach(geom):
     it, the PSF kernel plus the patch (``rasterise`` cuts a patch that sticks out of the
     canvas). Not the canvas margin alone: with the kernel cut to the learned core
     (``KERNEL_REACH``) that can be shorter than a large particle's radius plus 3 PSF stds,
-    and a particle whose light still falls in would be pinned short of its place."""
+    and a particle whose light still falls in would be pinned short of its place.
+    None with a periodic boundary (``Geometry.periodic``): light beyond a face wraps
+    around, and no particle outside explains it."""
+    if geom.periodic:
+        return [0, 0, 0]
     return [int(k + h) for k, h in zip(geom.kernel_half, geom.patch_half)]
 
 
@@ -566,7 +570,11 @@ def _gain_fields(resid_w, w, psf, R, *, geom, pad, reach):
     were compiled one by one for every new layout (a third of refine's compiles on a
     16x40x40 stack, docs/refine.md, twelfth session)."""
     vs = geom.voxel_size
-    shp = tuple(scipy.fft.next_fast_len(s + 2 * p, real=True) for s, p in zip(geom.shape, pad))
+    if geom.periodic:  # the correlations wrap around the stack, as its light does
+        pad, reach = (0, 0, 0), (0, 0, 0)
+        shp = tuple(geom.shape)
+    else:
+        shp = tuple(scipy.fft.next_fast_len(s + 2 * p, real=True) for s, p in zip(geom.shape, pad))
     ax = []
     for n, v in zip(shp, vs):
         i = np.arange(n)
@@ -595,7 +603,7 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
                      noise=None, polish=2, min_amplitude=0.4, polydispersity=0.1, add_passes=3,
                      max_move=1.0, gauge=True, neighbours=12, progress=False, verbose=False,
                      psf=None, psf_grid=True, psf_depth=False, psf_aspect=True,
-                     outside_penalty=OUTSIDE_PENALTY, split=True) -> RefineResult:
+                     outside_penalty=OUTSIDE_PENALTY, split=True, boundary="open") -> RefineResult:
     """Refine rough centres to the best positions the light allows, add the missed
     particles, remove the spurious ones, and give per-particle uncertainties.
 
@@ -667,6 +675,13 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         two touching ones, and the pair is kept only if it beats, by the penalty, the same
         round without the split (docs/refine.md, twenty-third and twenty-fourth sessions).
         Costs a joint fit per round with splits.
+    boundary : "open" (default: a microscope's stack) or "periodic" (``fit_shape``'s
+        ``boundary``): the stack's light wraps around its faces and balls are cut at them,
+        as a simulator that convolves by FFT without padding renders it. Then no particle
+        is centred outside the stack (none is needed to explain light beyond a face) and
+        the addition's gain map wraps around too. Never for a microscope's data: on the
+        partial-volume dev stacks, which are rendered so, it lowered the error on every
+        axis, deep inside as well (docs/refine.md, thirty-first session).
 
     Returns
     -------
@@ -691,7 +706,8 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
     try:
         t_first = time.perf_counter()
         shape_model = fit_shape(image, pos0, voxel_size=vs, radius=radius, invert=invert,
-                                steps=shape_steps, psf=psf, tail_weight=FIRST_TAIL_WEIGHT)
+                                steps=shape_steps, psf=psf, tail_weight=FIRST_TAIL_WEIGHT,
+                                boundary=boundary)
         t_first = time.perf_counter() - t_first
     except BorderError as e:  # the same error, with advice that refine can take
         raise BorderError(e.n, e.border, "Give at least one starting position farther "

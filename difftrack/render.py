@@ -43,6 +43,10 @@ class Geometry:
     canvas: shape of the padded canvas (stack + margins, FFT-friendly).
     margin: offset (voxels) of the stack inside the canvas.
     bg_degree / illum_degree: Legendre degrees (z, y, x) of B and L.
+    periodic: the stack's light wraps around (a circular FFT convolution over the stack
+        alone, balls cut at its faces), as some simulators render it; never a
+        microscope's (``refine_positions``'s ``boundary="periodic"``). Then the canvas is
+        the stack, with no margin, and the kernel is cut to fit in it.
     """
 
     shape: tuple
@@ -53,10 +57,11 @@ class Geometry:
     margin: tuple
     bg_degree: tuple = (2, 2, 2)
     illum_degree: tuple = (2, 2, 2)
+    periodic: bool = False
 
     @staticmethod
     def make(shape, voxel_size=None, *, max_radius, psf_extent, bg_degree=(2, 2, 2),
-             illum_degree=(2, 2, 2)):
+             illum_degree=(2, 2, 2), periodic=False):
         """Layout for a stack of ``shape`` holding particles of radius <= ``max_radius``
         and a PSF that reaches ``psf_extent`` = (z, xy) physical distance from its centre."""
         shape = tuple(int(s) for s in shape)
@@ -67,12 +72,16 @@ class Geometry:
         ext = (psf_extent[0], psf_extent[1], psf_extent[1])
         kernel_half = tuple(int(math.ceil(e / v)) for e, v in zip(ext, vs))
         return Geometry(shape, vs, patch_half, (), (), (), tuple(bg_degree),
-                        tuple(illum_degree)).with_kernel(kernel_half)
+                        tuple(illum_degree), bool(periodic)).with_kernel(kernel_half)
 
     def with_kernel(self, kernel_half):
         """This layout with PSF kernel half-widths ``kernel_half`` (z, y, x voxels, at least
         1); the canvas and the stack's margin in it follow (FFT-friendly sizes)."""
         kernel_half = tuple(max(1, int(k)) for k in kernel_half)
+        if self.periodic:
+            kernel_half = tuple(max(1, min(k, (s - 1) // 2)) for k, s in zip(kernel_half, self.shape))
+            return dataclasses.replace(self, kernel_half=kernel_half, canvas=tuple(self.shape),
+                                       margin=(0, 0, 0))
         canvas = tuple(scipy.fft.next_fast_len(s + 2 * k, real=True)
                        for s, k in zip(self.shape, kernel_half))
         return dataclasses.replace(self, kernel_half=kernel_half, canvas=canvas, margin=kernel_half)

@@ -767,3 +767,77 @@ def test_splits_never_keep_a_particle_that_is_not_there(sim, monkeypatch):
     assert d.min(axis=1).max() < 0.5 * 0.4 and len(set(d.argmin(axis=1))) == len(f)
     deep = np.all((t >= 0.4 / vs - 0.5) & (t <= np.asarray(sim.image.shape) - 0.5 - 0.4 / vs), axis=1)
     assert d[:, deep].min(axis=0).max() < 0.5 * 0.4
+
+
+def _periodic_sim(sim):
+    """``sim``'s particles centred inside the stack, rendered with a periodic boundary
+    (light wrapping around, balls cut at the faces), and the same noise model."""
+    import dataclasses
+
+    p, g = sim.params, sim.geometry
+    gp = dataclasses.replace(g, periodic=True).with_kernel(g.kernel_half)
+    pos = np.asarray(p.particles.pos)
+    keep = np.all((pos >= -0.5) & (pos <= np.asarray(g.shape) - 0.5), axis=1)
+    q = Params(Particles(p.particles.pos[keep], p.particles.radius[keep],
+                         p.particles.amplitude[keep]), p.psf, p.background)
+    model = np.asarray(render(q, gp))
+    rng = np.random.default_rng(4)
+    noise = rng.standard_normal(model.shape) * np.sqrt(sim.noise_variance)
+    return (model + 100.0 + noise).astype(np.float32), q, gp  # the simulator's camera offset
+
+
+def test_gain_map_wraps_around_with_a_periodic_boundary(sim):
+    """With ``Geometry.periodic`` the addition's gain map wraps around as the light does:
+    a particle missing at the top face is found from its light in the last slices and in
+    the first ones, nothing outside the stack is a candidate, and noise adds nothing."""
+    image, q, gp = _periodic_sim(sim)
+    assert _outside_reach(gp) == [0, 0, 0]
+    w = (1.0 / sim.noise_variance).astype(np.float32)
+    data = image - 100.0
+    penalty = 5 * math.log(data.size)
+    pos = np.asarray(q.particles.pos)
+    shape = np.asarray(data.shape)
+    lateral = np.flatnonzero(np.all((pos[:, 1:] >= 3) & (pos[:, 1:] <= shape[1:] - 4), axis=1))
+    i = lateral[np.argmax(pos[lateral, 0])]  # the highest (z 13.4 of 16)
+    q0 = Params(Particles(q.particles.pos, q.particles.radius, q.particles.amplitude.at[i].set(0.0)),
+                q.psf, q.background)
+    r = data - np.asarray(render(q0, gp))
+    light = np.asarray(render(q, gp)) - np.asarray(render(q0, gp))
+    assert light[:2].sum() > 0.2 * light[-2:].sum()  # its light wraps to the first slices
+    gmap, _ = _gain_map(jnp.asarray(w * r), jnp.asarray(w), q0, gp, 0.4, 1.0, _outside_reach(gp))
+    assert gmap.shape == data.shape
+    peak = np.asarray(np.unravel_index(np.argmax(gmap), gmap.shape))
+    d = np.abs(peak - pos[i])
+    d[0] = min(d[0], shape[0] - d[0])  # across the wrap
+    assert gmap.max() > 10 * penalty and np.all(d <= 1.0), (peak, pos[i])
+    rng = np.random.default_rng(3)
+    noise = rng.standard_normal(data.shape).astype(np.float32) * np.sqrt(sim.noise_variance)
+    gmap, _ = _gain_map(jnp.asarray(w * noise), jnp.asarray(w), q0, gp, 0.4, 1.0, _outside_reach(gp))
+    assert gmap.max() < penalty
+
+
+def test_refine_with_a_periodic_boundary(sim):
+    """``boundary="periodic"`` end to end on a periodic stack: the missing particles are
+    found, none is centred outside the stack, positions and sigmas are finite, and the
+    fits ran on the stack alone (no margin). A bad ``boundary`` is named."""
+    image, q, gp = _periodic_sim(sim)
+    t = np.asarray(q.particles.pos)
+    rng = np.random.default_rng(0)
+    start = np.clip(t + rng.uniform(-0.3, 0.3, t.shape), -0.5, np.asarray(image.shape) - 0.5)
+    start = start[rng.random(len(start)) > 0.1]
+    with pytest.raises(ValueError, match="boundary"):
+        refine_positions(image, start, voxel_size=sim.voxel_size, radius=0.4, boundary="wrap")
+    res = refine_positions(image, start, voxel_size=sim.voxel_size, radius=0.4, max_rounds=2,
+                           steps=40, shape_steps=40, polish=0, boundary="periodic")
+    g = res.model.geometry
+    assert g.periodic and g.canvas == image.shape and g.margin == (0, 0, 0)
+    df = res.particles
+    xyz = df[["z", "y", "x"]].to_numpy()
+    assert np.all(np.isfinite(xyz)) and np.all(df[["sigma_z", "sigma_y", "sigma_x"]].to_numpy() > 0)
+    all_pos = np.asarray(res.model.params.particles.pos)
+    assert np.all((all_pos >= -0.5 - 1e-3) & (all_pos <= np.asarray(image.shape) - 0.5 + 1e-3))
+    assert res.stats["added"] >= 1
+    from difftrack import score
+
+    s = score(xyz, t, radius=0.4, voxel_size=sim.voxel_size, shape=image.shape)
+    assert s.recall >= 0.8 and s.precision >= 0.9, s

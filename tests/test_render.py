@@ -297,3 +297,36 @@ def test_with_kernel_cuts_the_kernel_and_keeps_the_image():
     p = Params(Particles(pos, jnp.full((2,), 0.4), jnp.ones((2,))), psf, Background.constant(0.0, g))
     full, cut = np.asarray(render(p, g)), np.asarray(render(p, short))
     np.testing.assert_allclose(cut, full, atol=1e-4 * full.max())
+
+
+def test_periodic_boundary_wraps_the_light_of_balls_cut_at_the_faces():
+    """``Geometry.periodic``: each ball is cut at the stack's faces (its part beyond them
+    holds no light) and the PSF's light wraps around, as a circular FFT convolution over
+    the stack renders it (the partial-volume dev stacks' renderer)."""
+    from difftrack.render import kernel_on_grid, rasterise, stack_region
+    vs = (0.2, 0.1, 0.1)
+    psf = PSF.init(0.1, 0.25, n_components=1)
+    shape = (12, 20, 20)
+    g_open = Geometry.make(shape, vs, max_radius=0.5, psf_extent=(1.0, 0.5))
+    g_per = Geometry.make(shape, vs, max_radius=0.5, psf_extent=(1.0, 0.5), periodic=True)
+    assert g_per.canvas == shape and g_per.margin == (0, 0, 0)
+    assert g_per.kernel_half == g_open.kernel_half  # it fits in the stack
+    # one near the top z face (its ball reaches 0.5 voxel past it), one at the low y face
+    pos = jnp.asarray([[11.0, 9.6, 10.2], [5.0, 0.3, 15.5]], jnp.float32)
+    parts = Particles(pos, jnp.full((2,), 0.4), jnp.asarray([1.0, 0.7]))
+    p_open = Params(parts, psf, Background.constant(0.0, g_open))
+    p_per = Params(parts, psf, Background.constant(0.0, g_per))
+    # the balls: those of the open layout, cut to the stack
+    balls = np.asarray(stack_region(rasterise(parts, g_open), g_open))
+    np.testing.assert_allclose(np.asarray(rasterise(parts, g_per)), balls, atol=1e-6)
+    # their light, convolved circularly over the stack
+    k = np.asarray(kernel_on_grid(psf.kernel(vs, g_per.kernel_half), g_per.kernel_half, shape))
+    ref = np.fft.irfftn(np.fft.rfftn(balls) * np.fft.rfftn(k), s=shape, axes=(0, 1, 2))
+    per = np.asarray(render(p_per, g_per))
+    np.testing.assert_allclose(per, ref, atol=1e-5 * ref.max())
+    np.testing.assert_allclose(per.sum(), balls.sum(), rtol=1e-4)  # no light lost
+    # the top particle's light reaches the first slices around; in the open stack it does not
+    op = np.asarray(render(p_open, g_open))
+    assert per[0, 8:12, 8:12].mean() > 0.05 * per[11, 8:12, 8:12].mean()
+    assert op[0, 8:12, 8:12].mean() < 1e-6 * op[11, 8:12, 8:12].mean()
+    assert per[5, -1, 14:17].mean() > 0.05 * per[5, 0, 14:17].mean()

@@ -420,10 +420,11 @@ def _outside_reach(geom):
     canvas). Not the canvas margin alone: with the kernel cut to the learned core
     (``KERNEL_REACH``) that can be shorter than a large particle's radius plus 3 PSF stds,
     and a particle whose light still falls in would be pinned short of its place.
-    None with a periodic boundary (``Geometry.periodic``): light beyond a face wraps
-    around, and no particle outside explains it."""
+    With a periodic boundary (``Geometry.periodic``) light beyond a face wraps around and
+    no particle outside explains it, but a ball centred up to its radius beyond a face is
+    cut there and still sheds light in: the patch less its rounding."""
     if geom.periodic:
-        return [0, 0, 0]
+        return [max(int(h) - 2, 0) for h in geom.patch_half]
     return [int(k + h) for k, h in zip(geom.kernel_half, geom.patch_half)]
 
 
@@ -570,11 +571,7 @@ def _gain_fields(resid_w, w, psf, R, *, geom, pad, reach):
     were compiled one by one for every new layout (a third of refine's compiles on a
     16x40x40 stack, docs/refine.md, twelfth session)."""
     vs = geom.voxel_size
-    if geom.periodic:  # the correlations wrap around the stack, as its light does
-        pad, reach = (0, 0, 0), (0, 0, 0)
-        shp = tuple(geom.shape)
-    else:
-        shp = tuple(scipy.fft.next_fast_len(s + 2 * p, real=True) for s, p in zip(geom.shape, pad))
+    shp = tuple(scipy.fft.next_fast_len(s + 2 * p, real=True) for s, p in zip(geom.shape, pad))
     ax = []
     for n, v in zip(shp, vs):
         i = np.arange(n)
@@ -677,11 +674,12 @@ def refine_positions(image, positions, *, voxel_size=None, radius=None, invert="
         Costs a joint fit per round with splits.
     boundary : "open" (default: a microscope's stack) or "periodic" (``fit_shape``'s
         ``boundary``): the stack's light wraps around its faces and balls are cut at them,
-        as a simulator that convolves by FFT without padding renders it. Then no particle
-        is centred outside the stack (none is needed to explain light beyond a face) and
-        the addition's gain map wraps around too. Never for a microscope's data: on the
-        partial-volume dev stacks, which are rendered so, it lowered the error on every
-        axis, deep inside as well (docs/refine.md, thirty-first session).
+        as a simulator that convolves by FFT without padding renders it. Then a centre
+        may lie up to about a radius beyond a face (its ball cut there), not as far as
+        its blurred light reaches, and the Fisher sigma counts all of a cluster's light
+        (none is lost beyond a face). The addition proposes with the open template (a
+        candidate's light neither cut nor wrapped); the fits judge with the periodic
+        model. Never for a microscope's data (docs/refine.md, thirty-first session).
 
     Returns
     -------

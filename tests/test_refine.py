@@ -818,6 +818,7 @@ def test_gain_map_with_a_periodic_boundary(sim):
     assert gmap.max() < penalty
 
 
+@pytest.mark.slow  # ~47 s on dev-cpu; the render and gain-map tests cover the mechanism
 def test_refine_with_a_periodic_boundary(sim):
     """``boundary="periodic"`` end to end on a periodic stack: the missing particles are
     found, no centre lies farther beyond a face than ``_outside_reach`` allows, positions

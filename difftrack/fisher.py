@@ -305,8 +305,10 @@ def coupled_covariance(params: Params, idx, w, geom, radius_prior=0.0, neighbour
                         axes=(1, 2, 3))
     half = (np.asarray(J.shape[1:]) - 1) // 2
     corner = np.rint(pos).astype(int) - half
-    # with a periodic boundary no light is lost beyond a face: it wraps around
-    face = (_outside_fraction(J, corner, np.asarray(geom.shape)) > FACE_LIGHT) & (not geom.periodic)
+    # with a periodic boundary no light is lost beyond a face (it wraps around): no face
+    # clusters, and no need to measure the light outside
+    face = (np.zeros(len(pos), bool) if geom.periodic
+            else _outside_fraction(J, corner, np.asarray(geom.shape)) > FACE_LIGHT)
     placed = {}  # the placed fields of the current chunk's members (``FACE_CHUNK``)
     fields = _placed_fields(J, pos, placed)
 
